@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -315,3 +317,33 @@ def test_tiny_bert() -> None:
         out = model(**enc).last_hidden_state
     assert out.shape == (2, enc["input_ids"].shape[1], 32)
     assert model.config.hidden_size == 32 and model.config.vocab_size == len(tok)
+
+
+def test_end_to_end_with_metrics(gpt2_setup) -> None:
+    """Loader-shaped case -> scoring -> metrics, with the leading-space convention for targets."""
+    from larimar.eval.data import EditCase
+    from larimar.eval.metrics import aggregate_counterfact, counterfact_case_metrics, zsre_case_metrics
+
+    model, tok = gpt2_setup
+    case = EditCase(
+        case_id=0,
+        subject="Danielle Darrieux",
+        prompt="The mother tongue of Danielle Darrieux is",
+        target_new="English",
+        target_true="French",
+        paraphrase_prompts=["Danielle Darrieux is a native speaker of"],
+        neighborhood_prompts=["Michel Rocard is a native speaker of", "The mother tongue of Michel Rocard is"],
+        neighborhood_targets=["French", "French"],
+    )
+    prompts = [case.prompt, *case.paraphrase_prompts, *case.neighborhood_prompts]
+    new = continuation_nll(model, tok, prompts, [" " + case.target_new] * len(prompts))
+    true = continuation_nll(model, tok, prompts, [" " + case.target_true] * len(prompts))
+    m = counterfact_case_metrics(new[0], true[0], new[1:2], true[1:2], new[2:], true[2:])
+    assert m["edit_success"]["S"] == float(new[0] < true[0])
+    assert m["neighborhood"]["M"] == pytest.approx(float((torch.exp(-true[2:]) - torch.exp(-new[2:])).mean()))
+    agg = aggregate_counterfact([m])
+    assert agg["edit_success"]["S"] in (0.0, 100.0)
+
+    stats = continuation_token_stats(model, tok, prompts[:2], [" " + case.target_new] * 2)
+    z = zsre_case_metrics(stats[0].correct, [stats[1].correct], [])
+    assert z["edit"] == stats[0].accuracy and math.isnan(z["neighborhood"])
