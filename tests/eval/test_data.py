@@ -453,3 +453,13 @@ def test_real_pararel() -> None:
             subject = rel.facts[0][0] if rel.facts else "S"
             r = render(pattern, subject, "O")
             assert subject in r.prompt and not r.prompt.endswith(" ")
+
+
+def test_prompts_rstripped_targets_stripped(tmp_path: Path) -> None:
+    rec = dict(EASYEDIT_RECORDS[0], rephrase_prompt="Toko Yasuda is great at ", target_new=" piano ")
+    [c] = load_cases(_write(tmp_path / "e.json", [rec]))
+    assert c.paraphrase_prompts == ["Toko Yasuda is great at"]
+    assert c.target_new == "piano"
+    # An empty ZsRE target is kept (callers filter it), not an error.
+    [z] = load_cases(_write(tmp_path / "z.json", [dict(ZSRE_RECORDS[0], alt="")]))
+    assert z.target_new == ""

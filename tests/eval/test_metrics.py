@@ -110,7 +110,8 @@ def test_counterfact_empty_family_is_skipped() -> None:
     empty = aggregate_counterfact([])
     assert all(math.isnan(empty[k][s]) for k in empty for s in ("S", "M"))
     assert math.isnan(counterfact_score(empty))
-    assert counterfact_score({"edit_success": {"S": 0.0}, "paraphrase": {"S": 50.0}, "neighborhood": {"S": 50.0}}) == 0.0
+    zero = {"edit_success": {"S": 0.0}, "paraphrase": {"S": 50.0}, "neighborhood": {"S": 50.0}}
+    assert counterfact_score(zero) == 0.0
 
 
 def test_counterfact_length_mismatch() -> None:

@@ -20,8 +20,10 @@ Conventions
 * ``EditCase.prompt`` is the rewrite prompt with the subject filled in and without trailing white
   space; targets are stored *without* a leading space. Scoring code should pass continuations with a
   leading space (``" " + case.target_new``), as ROME does.
+* All prompts have trailing white space removed; targets are stripped.
 * ``target_true`` is ``None`` where a data set has no true answer (ZsRE records with empty
-  ``answers``).
+  ``answers``). Targets are kept even when empty: ``zsre_mend_train-1k.json`` has two records with
+  ``alt == ""``; filter them (``[c for c in cases if c.target_new]``) before scoring.
 """
 
 from __future__ import annotations
@@ -223,6 +225,11 @@ def _str_list(value: Any, path: Path, idx: int, key: str) -> list[str]:
     raise DataFormatError(f"{path}: record {idx} field {key!r} must be a string or a list of strings")
 
 
+def _prompt_list(value: Any, path: Path, idx: int, key: str) -> list[str]:
+    """Like :func:`_str_list`, with trailing white space removed from every prompt."""
+    return [v.rstrip() for v in _str_list(value, path, idx, key)]
+
+
 def _target_str(value: Any, path: Path, idx: int, key: str) -> str:
     """A target is either a string or ROME's ``{"str": ..., "id": ...}`` object."""
     if isinstance(value, Mapping):
@@ -252,7 +259,7 @@ def _rome_case(rec: Any, path: Path, idx: int) -> EditCase:
         raise DataFormatError(f"{path}: record {idx} requested_rewrite.prompt has no '{{}}' placeholder")
     new = _target_str(_get(rw, "target_new", path, idx, fmt, "requested_rewrite"), path, idx, "target_new")
     true = _target_str(_get(rw, "target_true", path, idx, fmt, "requested_rewrite"), path, idx, "target_true")
-    neigh = _str_list(rec.get("neighborhood_prompts"), path, idx, "neighborhood_prompts")
+    neigh = _prompt_list(rec.get("neighborhood_prompts"), path, idx, "neighborhood_prompts")
     extra: dict[str, Any] = {}
     if "pararel_idx" in rec:
         extra["pararel_idx"] = rec["pararel_idx"]
@@ -265,11 +272,11 @@ def _rome_case(rec: Any, path: Path, idx: int) -> EditCase:
         prompt=template.replace("{}", subject).rstrip(),
         target_new=new,
         target_true=true,
-        paraphrase_prompts=_str_list(rec.get("paraphrase_prompts"), path, idx, "paraphrase_prompts"),
+        paraphrase_prompts=_prompt_list(rec.get("paraphrase_prompts"), path, idx, "paraphrase_prompts"),
         neighborhood_prompts=neigh,
         neighborhood_targets=[true] * len(neigh),
-        attribute_prompts=_str_list(rec.get("attribute_prompts"), path, idx, "attribute_prompts"),
-        generation_prompts=_str_list(rec.get("generation_prompts"), path, idx, "generation_prompts"),
+        attribute_prompts=_prompt_list(rec.get("attribute_prompts"), path, idx, "attribute_prompts"),
+        generation_prompts=_prompt_list(rec.get("generation_prompts"), path, idx, "generation_prompts"),
         relation_id=rw.get("relation_id"),
         source_format=fmt,
         prompt_template=template.rstrip(),
@@ -283,7 +290,7 @@ def _easyedit_case(rec: Any, path: Path, idx: int) -> EditCase:
     prompt = str(_get(rec, "prompt", path, idx, fmt)).rstrip()
     new = _target_str(_get(rec, "target_new", path, idx, fmt), path, idx, "target_new")
     true = _target_str(_get(rec, "ground_truth", path, idx, fmt), path, idx, "ground_truth")
-    neigh = _str_list(_get(rec, "locality_prompt", path, idx, fmt), path, idx, "locality_prompt")
+    neigh = _prompt_list(_get(rec, "locality_prompt", path, idx, fmt), path, idx, "locality_prompt")
     neigh_t = _str_list(_get(rec, "locality_ground_truth", path, idx, fmt), path, idx, "locality_ground_truth")
     if len(neigh_t) == 1 and len(neigh) > 1:
         neigh_t = neigh_t * len(neigh)
@@ -297,7 +304,7 @@ def _easyedit_case(rec: Any, path: Path, idx: int) -> EditCase:
         prompt=prompt,
         target_new=new,
         target_true=true,
-        paraphrase_prompts=_str_list(_get(rec, "rephrase_prompt", path, idx, fmt), path, idx, "rephrase_prompt"),
+        paraphrase_prompts=_prompt_list(_get(rec, "rephrase_prompt", path, idx, fmt), path, idx, "rephrase_prompt"),
         neighborhood_prompts=neigh,
         neighborhood_targets=[t.strip() for t in neigh_t],
         relation_id=rec.get("relation_id"),
@@ -324,7 +331,7 @@ def _zsre_case(rec: Any, path: Path, idx: int) -> EditCase:
         prompt=prompt,
         target_new=new,
         target_true=answers[0].strip() if answers else None,
-        paraphrase_prompts=_str_list(_get(rec, "rephrase", path, idx, fmt), path, idx, "rephrase"),
+        paraphrase_prompts=_prompt_list(_get(rec, "rephrase", path, idx, fmt), path, idx, "rephrase"),
         neighborhood_prompts=[loc],
         neighborhood_targets=[loc_ans],
         source_format=fmt,
@@ -556,9 +563,9 @@ def load_pararel(
         relations: restrict to these relation ids.
 
     Returns:
-        relation id -> :class:`PararelRelation`, sorted by numeric id (P17 < P101). A relation present in only one of the
-        two directories has an empty ``patterns`` or ``facts`` list. Duplicate patterns are dropped
-        (first occurrence kept); facts are kept as they are.
+        relation id -> :class:`PararelRelation`, sorted by numeric id (P17 < P101). A relation
+        present in only one of the two directories has an empty ``patterns`` or ``facts`` list.
+        Duplicate patterns are dropped (first occurrence kept); facts are kept as they are.
     """
     base = Path(root) if root is not None else default_data_dir() / "pararel"
     if not (base / "graphs_json").is_dir() and (base / "pararel").is_dir():
