@@ -9,9 +9,8 @@ logits (``.logits``, the first element of a tuple, or a tensor) of shape ``(B, T
 
 Tokenisation
 ------------
-Callers pass continuations *with* their leading space, e.g. ``(" The capital of France is",
-" Paris")`` -> prompt ``"The capital of France is"``, continuation ``" Paris"``; nothing is inserted
-between prompt and continuation. The prompt is tokenised on its own (with the tokenizer's special
+Callers pass continuations *with* their leading space, e.g. prompt ``"The capital of France is"``
+and continuation ``" Paris"``; nothing is inserted between prompt and continuation. The prompt is tokenised on its own (with the tokenizer's special
 tokens, e.g. a BOS) and ``prompt + continuation`` jointly; when the joint token sequence starts with
 the prompt's tokens, the remaining tokens are the continuation tokens (so boundary-sensitive
 tokenizers such as SentencePiece see the text as it would appear in running text). When the joint
