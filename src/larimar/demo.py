@@ -1,0 +1,73 @@
+"""`larimar demo`: edit a real model's facts in milliseconds, then forget one, with timings."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+# (query, counterfactual fact written to memory)
+EDITS = [
+    ("The capital of France is", "The capital of France is Rome."),
+    ("Vladimir Putin speaks the language", "Vladimir Putin speaks the language Japanese."),
+    ("The Eiffel Tower is located in the city of", "The Eiffel Tower is located in the city of London."),
+]
+UNRELATED = "The largest planet in the solar system is"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="saved Larimar directory (default: the shipped adapter)")
+    p.add_argument("--max-new-tokens", type=int, default=8)
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _show(model, prompts: list[str], max_new_tokens: int) -> float:
+    t0 = time.perf_counter()
+    outs = model.generate(prompts, max_new_tokens=max_new_tokens, return_details=True)
+    dt = time.perf_counter() - t0
+    for p, g in zip(prompts, outs):
+        route = f"memory (scope {g.scope_score:.2f})" if g.used_memory else "plain  "
+        print(f"  [{route}] {p} -> {g.text.strip()!r}")
+    return dt
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from larimar.modeling.model import Larimar
+
+    _quiet_transformers()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    t0 = time.perf_counter()
+    model = Larimar.from_pretrained(args.model)
+    print(f"loaded Larimar ({model.config.encoder or 'MiniLM-L6'} + {model.config.decoder or 'SmolLM2-135M'}) in {time.perf_counter() - t0:.1f} s")
+    if not model.config.trained:
+        print("NOTE: this adapter is UNTRAINED: memory-conditioned answers will not follow the facts yet.")
+    prompts = [q for q, _ in EDITS] + [UNRELATED]
+    n = args.max_new_tokens
+
+    print("\n1. Base model (empty memory):")
+    _show(model, prompts, n)
+
+    print("\n2. Writing counterfactual facts (one shot, no gradient step):")
+    for _, fact in EDITS:
+        t = time.perf_counter()
+        model.write([fact])
+        print(f"  + {fact!r}  ({(time.perf_counter() - t) * 1000:.1f} ms)")
+
+    print("\n3. Edited model:")
+    dt = _show(model, prompts, n)
+    print(f"  ({dt:.2f} s for {len(prompts)} prompts x {n} tokens)")
+
+    forgotten = EDITS[0][1]
+    t = time.perf_counter()
+    model.forget([forgotten])
+    print(f"\n4. Forgetting {forgotten!r} ({(time.perf_counter() - t) * 1000:.1f} ms):")
+    _show(model, prompts, n)
+    print(f"\nmemory holds {len(model)} fact(s); total demo time {time.perf_counter() - t0:.1f} s")
+    return 0

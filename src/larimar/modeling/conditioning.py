@@ -1,0 +1,259 @@
+"""Memory conditioning of a frozen causal LM (paper §5): z_r --W_M--> per-layer key/value prefix.
+
+Works with any HF causal LM whose forward accepts `past_key_values` as a `transformers.Cache`
+(GPT-2, Llama with grouped KV heads, Mistral, Qwen, ...), through public APIs only.
+
+Design:
+- `KVPrefix` maps a read-out z_r (B, C) to P key/value slots for every layer, shaped like the
+  decoder's own cache entries (B, n_kv_heads, P, head_dim). The map is
+  `prefix(z) = base + delta(z)`, where `base` is initialised from the decoder's *own* keys/values
+  for a short neutral text (so an untrained or empty-memory prefix looks like ordinary context to the
+  model instead of disturbing it: zero keys still draw attention) and `delta` is a bottlenecked MLP
+  started at zero.
+- `EmbeddingOffset` (optional, as the official code's "latent as embedding"): a per-token offset
+  added to every input embedding; with tied embeddings it is a direct path to the output.
+- `ConditionedDecoder` runs forward passes and a KV-cached generation loop with or without the
+  conditioning; with no conditioning it calls the base model unchanged (logits identical).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class KVShape:
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    hidden_size: int
+
+    @classmethod
+    def from_config(cls, config) -> "KVShape":
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        n_heads = text.num_attention_heads
+        n_kv = getattr(text, "num_key_value_heads", None) or n_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // n_heads
+        return cls(text.num_hidden_layers, n_kv, head_dim, text.hidden_size)
+
+    @property
+    def per_slot(self) -> int:
+        """Numbers in one prefix slot across all layers: layers x (k, v) x heads x head_dim."""
+        return self.n_layers * 2 * self.n_kv_heads * self.head_dim
+
+
+class KVPrefix(nn.Module):
+    """z (B, C) -> per-layer (k, v), each (B, n_kv_heads, P, head_dim)."""
+
+    def __init__(self, latent_size: int, shape: KVShape, prefix_len: int = 8, hidden: int = 256):
+        super().__init__()
+        self.shape = shape
+        self.prefix_len = prefix_len
+        self.hidden = hidden
+        # base: (L, 2, H_kv, P, D) -- replaced by the decoder's own K/V in `init_base_from_decoder`
+        self.base = nn.Parameter(torch.zeros(shape.n_layers, 2, shape.n_kv_heads, prefix_len, shape.head_dim))
+        # delta(z): C -> P x hidden (slot-specific) -> GELU -> per-slot numbers for all layers (shared)
+        self.slots = nn.Linear(latent_size, prefix_len * hidden)
+        self.out = nn.Linear(hidden, shape.per_slot)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    @torch.no_grad()
+    def init_base_from_decoder(self, decoder: nn.Module, token_ids: list[int]) -> None:
+        """Set `base` to the decoder's own cached K/V for `token_ids` (repeated/cut to P tokens)."""
+        P = self.prefix_len
+        if not token_ids:
+            raise ValueError("init_base_from_decoder: need at least one token id")
+        ids = (token_ids * P)[:P]
+        dev = self.base.device
+        out = decoder(input_ids=torch.tensor([ids], device=dev), use_cache=True)
+        layers = cache_to_tensors(out.past_key_values)
+        if len(layers) != self.shape.n_layers:
+            raise ValueError(f"decoder returned {len(layers)} cache layers, expected {self.shape.n_layers}")
+        for i, (k, v) in enumerate(layers):  # each (1, H_kv, P, D)
+            self.base[i, 0].copy_(k[0].to(self.base.dtype))
+            self.base[i, 1].copy_(v[0].to(self.base.dtype))
+
+    def forward(self, z: torch.Tensor | None, batch_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """z: (B, C) or None (the empty-memory prefix `base`). Returns L pairs of (B, H_kv, P, D)."""
+        L, H, P, D = self.shape.n_layers, self.shape.n_kv_heads, self.prefix_len, self.shape.head_dim
+        if z is None:
+            if batch_size is None:
+                raise ValueError("KVPrefix: pass z or batch_size")
+            kv = self.base.unsqueeze(0).expand(batch_size, -1, -1, -1, -1, -1)  # (B, L, 2, H, P, D)
+        else:
+            B = z.shape[0]
+            h = nn.functional.gelu(self.slots(z.to(self.slots.weight.dtype)).view(B, P, self.hidden))  # (B, P, hidden)
+            delta = self.out(h)  # (B, P, L*2*H*D)
+            delta = delta.view(B, P, L, 2, H, D).permute(0, 2, 3, 4, 1, 5)  # (B, L, 2, H, P, D)
+            kv = self.base.unsqueeze(0) + delta
+        return [(kv[:, i, 0], kv[:, i, 1]) for i in range(L)]
+
+
+class EmbeddingOffset(nn.Module):
+    """z (B, C) -> (B, 1, hidden) offset added to every input token embedding; starts at zero."""
+
+    def __init__(self, latent_size: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Linear(latent_size, hidden_size)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.proj(z.to(self.proj.weight.dtype)).unsqueeze(1)
+
+
+def cache_to_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A transformers Cache (or legacy tuple) -> list of (k, v) per layer."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    if hasattr(cache, "to_legacy_cache"):
+        return [tuple(x[:2]) for x in cache.to_legacy_cache()]
+    return [tuple(x[:2]) for x in cache]
+
+
+def make_cache(prefix: list[tuple[torch.Tensor, torch.Tensor]], config):
+    """A fresh DynamicCache holding the prefix (a cache grows in place: build one per forward)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=[(k, v) for k, v in prefix], config=config)
+
+
+@dataclass
+class Conditioning:
+    """What conditions one forward/generation: a KV prefix and/or an embedding offset (either may be None)."""
+
+    prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    offset: torch.Tensor | None = None  # (B, 1, hidden)
+
+    @property
+    def prefix_len(self) -> int:
+        return 0 if self.prefix is None else self.prefix[0][0].shape[2]
+
+    def select(self, index: torch.Tensor | list[int]) -> "Conditioning":
+        idx = torch.as_tensor(index, dtype=torch.long)
+        prefix = None if self.prefix is None else [(k[idx], v[idx]) for k, v in self.prefix]
+        offset = None if self.offset is None else self.offset[idx]
+        return Conditioning(prefix, offset)
+
+
+class ConditionedDecoder:
+    """Forward and KV-cached decoding of a causal LM under a `Conditioning` (or none)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cond: Conditioning | None = None,
+        *,
+        use_cache: bool = False,
+        **kwargs,
+    ):
+        """input_ids, attention_mask: (B, T). With `cond` None this is exactly `model(input_ids, attention_mask)`."""
+        if cond is None or (cond.prefix is None and cond.offset is None):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache, **kwargs)
+        P = cond.prefix_len
+        B = input_ids.shape[0]
+        embeds = self.model.get_input_embeddings()(input_ids)  # (B, T, hidden)
+        if cond.offset is not None:
+            embeds = embeds + cond.offset.to(embeds.dtype)
+        full_mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)  # (B, P+T)
+        # positions continue after the prefix and skip left padding
+        position_ids = (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, P:]  # (B, T)
+        cache = make_cache(cond.prefix, self.model.config) if cond.prefix is not None else None
+        return self.model(
+            inputs_embeds=embeds,
+            attention_mask=full_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=use_cache or cache is not None,
+            **kwargs,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cond: Conditioning | None = None,
+        *,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        eos_token_id: int | None = None,
+        pad_token_id: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Left-padded prompts (B, T) -> new tokens (B, max_new_tokens), padded with `pad_token_id` after EOS."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        B = input_ids.shape[0]
+        P = cond.prefix_len if cond is not None else 0
+        embed = self.model.get_input_embeddings()
+        offset = cond.offset if cond is not None else None
+        full_mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)
+        position_ids = (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, P:]
+        cache = make_cache(cond.prefix, self.model.config) if cond is not None and cond.prefix is not None else None
+        embeds = embed(input_ids)
+        if offset is not None:
+            embeds = embeds + offset.to(embeds.dtype)
+        kwargs = {"past_key_values": cache} if cache is not None else {}
+        out = self.model(
+            inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids, use_cache=True, **kwargs
+        )
+        cache = out.past_key_values
+        next_pos = position_ids[:, -1:] + 1  # (B, 1)
+        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        new_tokens = []
+        logits = out.logits[:, -1, :]
+        for step in range(max_new_tokens):
+            token = _pick(logits.float(), do_sample, temperature, top_k, top_p, generator)  # (B,)
+            token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+            new_tokens.append(token)
+            if eos_token_id is not None:
+                finished = finished | (token == eos_token_id)
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break
+            full_mask = torch.cat([full_mask, full_mask.new_ones(B, 1)], dim=1)
+            e = embed(token[:, None])
+            if offset is not None:
+                e = e + offset.to(e.dtype)
+            out = self.model(
+                inputs_embeds=e, attention_mask=full_mask, position_ids=next_pos, past_key_values=cache, use_cache=True
+            )
+            cache = out.past_key_values
+            next_pos = next_pos + 1
+            logits = out.logits[:, -1, :]
+        result = torch.stack(new_tokens, dim=1)
+        if result.shape[1] < max_new_tokens:  # everyone hit EOS early
+            pad = result.new_full((B, max_new_tokens - result.shape[1]), pad_token_id)
+            result = torch.cat([result, pad], dim=1)
+        return result
+
+
+def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float, generator) -> torch.Tensor:
+    """(B, V) logits -> (B,) next tokens: greedy, or temperature / top-k / nucleus sampling."""
+    if not do_sample:
+        return logits.argmax(-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    logits = logits / temperature
+    if top_k and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest set whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

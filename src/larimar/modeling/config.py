@@ -1,0 +1,94 @@
+"""LarimarConfig: everything needed to rebuild a Larimar model around its (referenced) base models."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ADDRESSING_MODES = ("reference", "current", "gaussian")
+POOLING_MODES = ("mean", "cls")
+M_PRIOR_MODES = ("zero", "reference")
+
+
+@dataclass
+class LarimarConfig:
+    """Hyper-parameters of a Larimar model.
+
+    Names follow the paper: K memory rows, C latent size (row width), P prefix slots per layer.
+    `encoder` / `decoder` are HF names or paths; `None` means the offline defaults
+    (MiniLM-L6 and SmolLM2-135M-Instruct from their wheels).
+    """
+
+    encoder: str | None = None
+    decoder: str | None = None
+    latent_size: int = 384  # C
+    memory_size: int = 512  # K
+    pooling: str = "mean"
+    # conditioning (paper §5: z_r -> W_M -> per-layer key/value prefix)
+    prefix_len: int = 8  # P
+    prefix_hidden: int = 256  # bottleneck of W_M (per slot)
+    prefix_init_text: str = "\n"  # prefix starts as the decoder's own K/V of this text (see KVPrefix)
+    embedding_offset: bool = True  # the official code's extra per-token embedding offset from z_r
+    # memory
+    addressing: str = "reference"
+    memory_prior: str = "zero"
+    ridge: float = 1e-3  # λ: prior precision of the sequential memory (C_0 = λI)
+    gaussian_alpha: float = 1.0
+    pinv_method: str = "svd"
+    sigma_w: float = 0.0  # read-time noise on W (robustness experiments)
+    # scope detector (paper §4)
+    scope_threshold: float = 0.6
+    use_scope_detector: bool = True
+    # text limits
+    max_encoder_tokens: int = 128
+    max_decoder_tokens: int = 512
+    # bookkeeping
+    trained: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name, value, allowed in (
+            ("addressing", self.addressing, ADDRESSING_MODES),
+            ("pooling", self.pooling, POOLING_MODES),
+            ("memory_prior", self.memory_prior, M_PRIOR_MODES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"LarimarConfig.{name}={value!r}: expected one of {allowed}")
+        for name in ("latent_size", "memory_size", "prefix_len", "prefix_hidden", "max_encoder_tokens"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"LarimarConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.ridge <= 0:
+            raise ValueError(f"LarimarConfig.ridge must be positive, got {self.ridge}")
+        if not 0.0 <= self.scope_threshold <= 1.0:
+            raise ValueError(f"LarimarConfig.scope_threshold must be in [0, 1], got {self.scope_threshold}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LarimarConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown LarimarConfig keys: {unknown}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LarimarConfig":
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> "LarimarConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,374 @@
+"""The Larimar model: encoder -> episodic memory -> memory-conditioned decoder (paper §2-§5).
+
+    texts --encoder--> Z (N, C) --write--> M (K, C)            (one shot, no gradient step)
+    query --encoder--> q (1, C) --read--> z_r = W·M, W = q·M_ref^†  (addressing per config)
+    z_r --W_M--> per-layer K/V prefix (+ embedding offset) --> frozen decoder answers with the fact
+
+A scope detector sends queries that touch no stored fact to plain decoding.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from larimar.editing.scope import ScopeDetector
+from larimar.editing.store import FactMemory
+from larimar.memory import MemoryState
+from larimar.modeling.conditioning import Conditioning, ConditionedDecoder, EmbeddingOffset, KVPrefix, KVShape
+from larimar.modeling.config import LarimarConfig
+from larimar.modeling.encoder import LatentEncoder, check_texts, tokenize_truncating
+
+log = logging.getLogger(__name__)
+
+ADAPTER_FILE = "adapter.safetensors"
+CONFIG_FILE = "config.json"
+UseMemory = Literal["auto", "always", "never"]
+
+
+class EmptyMemoryError(RuntimeError):
+    """Reading from a memory that holds no facts."""
+
+
+@dataclass
+class Generation:
+    text: str
+    used_memory: bool
+    scope_score: float
+
+
+def default_adapter_dir() -> Path:
+    """The trained adapter shipped inside the package (may be absent in a development checkout)."""
+    return Path(__file__).resolve().parent.parent / "assets" / "default"
+
+
+class Larimar(nn.Module):
+    """Editable episodic memory around any HF encoder and causal LM."""
+
+    def __init__(self, config: LarimarConfig, encoder, encoder_tokenizer, decoder, tokenizer, *, init_prefix: bool = True):
+        super().__init__()
+        self.config = config
+        C, K = config.latent_size, config.memory_size
+        self.encoder = LatentEncoder(encoder, encoder_tokenizer, C, pooling=config.pooling, max_tokens=config.max_encoder_tokens)
+        self.decoder = decoder
+        for p in self.decoder.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.kv_shape = KVShape.from_config(decoder.config)
+        self.kv_prefix = KVPrefix(C, self.kv_shape, config.prefix_len, config.prefix_hidden)
+        self.emb_offset = EmbeddingOffset(C, self.kv_shape.hidden_size) if config.embedding_offset else None
+        # M0: learned prior / reference memory (K, C); rows ~ N(0, 1/C) so that ||M0 row|| ~ 1
+        g = torch.Generator().manual_seed(0)
+        self.M0 = nn.Parameter(torch.randn(K, C, generator=g) / math.sqrt(C))
+        self.log_sigma_w = nn.Parameter(torch.tensor(math.log(max(config.sigma_w, 1e-3))))
+        self.runner = ConditionedDecoder(self.decoder)
+        self.scope = ScopeDetector(self._embed_for_scope, threshold=config.scope_threshold)
+        if init_prefix:
+            ids = tokenizer(config.prefix_init_text, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+            self.kv_prefix.init_base_from_decoder(self.decoder, ids)
+        self.memory_dtype = torch.float64
+        self.facts = self.empty_memory()
+
+    # ------------------------------------------------------------------ construction / persistence
+    @classmethod
+    def from_config(cls, config: LarimarConfig | None = None, *, dtype: torch.dtype = torch.float32) -> "Larimar":
+        """A fresh (untrained) model around the configured base models."""
+        from larimar.modeling.loading import load_decoder, load_encoder
+
+        config = config or LarimarConfig()
+        enc, enc_tok = load_encoder(config.encoder, dtype=dtype)
+        dec, dec_tok = load_decoder(config.decoder, dtype=dtype)
+        return cls(config, enc, enc_tok, dec, dec_tok)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, *, dtype: torch.dtype = torch.float32, **overrides) -> "Larimar":
+        """Load config + adapter weights from `path` (None: the adapter shipped with the package).
+
+        If no shipped adapter exists, returns an untrained model with the default config and warns.
+        `overrides` replace config fields (e.g. scope_threshold=0.5).
+        """
+        from safetensors.torch import load_file
+
+        from larimar.modeling.loading import load_decoder, load_encoder
+
+        directory = Path(path) if path is not None else default_adapter_dir()
+        if not (directory / CONFIG_FILE).is_file():
+            if path is not None:
+                raise FileNotFoundError(f"{directory}: no {CONFIG_FILE} (not a saved Larimar model)")
+            log.warning("no trained adapter is shipped in this install: using an UNTRAINED adapter")
+            return cls.from_config(LarimarConfig(**overrides), dtype=dtype)
+        config = LarimarConfig.load(directory / CONFIG_FILE)
+        if overrides:
+            config = config.replace(**overrides)
+        enc, enc_tok = load_encoder(config.encoder, dtype=dtype)
+        dec, dec_tok = load_decoder(config.decoder, dtype=dtype)
+        model = cls(config, enc, enc_tok, dec, dec_tok, init_prefix=False)
+        weights = load_file(str(directory / ADAPTER_FILE))
+        model.load_adapter_state(weights)
+        return model
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """Trained weights only: everything except the frozen base models (encoder weights only if trainable)."""
+        state = self.state_dict()
+        train_encoder = bool(self.config.extra.get("train_encoder", False))
+        keep = {}
+        for name, tensor in state.items():
+            if name.startswith("decoder."):
+                continue
+            if name.startswith("encoder.model.") and not train_encoder:
+                continue
+            keep[name] = tensor
+        return keep
+
+    def load_adapter_state(self, weights: dict[str, torch.Tensor]) -> None:
+        expected = self.adapter_state()
+        missing = sorted(set(expected) - set(weights))
+        unexpected = sorted(set(weights) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"adapter weights do not fit this config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for name, tensor in weights.items():
+            if tensor.shape != expected[name].shape:
+                raise ValueError(f"adapter weight {name}: shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
+        own = dict(self.named_parameters())
+        own.update(dict(self.named_buffers()))
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                own[name].copy_(tensor.to(own[name].dtype))
+        self.facts = self.empty_memory()
+
+    def save_pretrained(self, directory: str | Path, *, half: bool = False) -> None:
+        """Write config.json + adapter.safetensors (base weights are referenced by name, not copied)."""
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        weights = {k: (v.half() if half and v.is_floating_point() else v).contiguous().cpu() for k, v in self.adapter_state().items()}
+        tmp = d / (ADAPTER_FILE + ".tmp")
+        save_file(weights, str(tmp), metadata={"format": "larimar-adapter"})
+        tmp.replace(d / ADAPTER_FILE)
+        self.config.save(d / CONFIG_FILE)
+
+    # ------------------------------------------------------------------ memory
+    @property
+    def device(self) -> torch.device:
+        return self.M0.device
+
+    def empty_memory(self) -> FactMemory:
+        M_ref = self.M0.detach().to(self.memory_dtype)
+        M_prior = None if self.config.memory_prior == "zero" else M_ref
+        state = MemoryState.init(
+            M_ref,
+            lam=self.config.ridge,
+            M_prior=M_prior,
+            addressing=self.config.addressing,
+            gaussian_alpha=self.config.gaussian_alpha,
+        )
+        return FactMemory(state)
+
+    def reset_memory(self) -> None:
+        self.facts = self.empty_memory()
+        self.scope.set_keys(None)
+
+    def __len__(self) -> int:
+        return len(self.facts)
+
+    @torch.no_grad()
+    def write(self, texts: list[str] | str, batch_size: int = 64) -> None:
+        """Write facts to memory in one shot (no gradient step). On any error memory is unchanged."""
+        texts = check_texts(texts, "write")
+        Z, E = self.encoder.encode_with_embedding(texts, batch_size=batch_size)
+        facts = self.facts.write(texts, Z, E)
+        self.facts = facts
+        self.scope.set_keys(facts.E)
+
+    @torch.no_grad()
+    def forget(self, texts: list[str] | str) -> None:
+        """Remove facts exactly (alpha = -1). Texts never written raise FactNotFoundError; memory unchanged."""
+        texts = check_texts(texts, "forget")
+        facts = self.facts.forget(texts)
+        self.facts = facts
+        self.scope.set_keys(facts.E)
+
+    def save_memory(self, directory: str | Path) -> None:
+        self.facts.save(directory)
+
+    def load_memory(self, directory: str | Path) -> None:
+        facts = FactMemory.load(directory, expect_C=self.config.latent_size, expect_K=self.config.memory_size)
+        self.facts = facts
+        self.scope.set_keys(facts.E)
+
+    def read_latents(self, q: torch.Tensor) -> torch.Tensor:
+        """(Q, C) query latents -> (Q, C) read-outs z_r from the current memory."""
+        z = self.facts.state.read(q.detach().to(self.memory_dtype))
+        if isinstance(z, tuple):
+            z = z[0]
+        return z.to(self.M0.dtype)
+
+    @torch.no_grad()
+    def read(self, queries: list[str] | str) -> torch.Tensor:
+        """Queries -> (Q, C) read-outs. Raises EmptyMemoryError when nothing has been written."""
+        queries = check_texts(queries, "read")
+        if len(self.facts) == 0:
+            raise EmptyMemoryError("memory is empty: write facts before reading")
+        return self.read_latents(self.encoder(queries))
+
+    # ------------------------------------------------------------------ conditioning
+    def conditioning(self, z: torch.Tensor) -> Conditioning:
+        """(B, C) latents -> KV prefix (+ embedding offset)."""
+        offset = self.emb_offset(z) if self.emb_offset is not None else None
+        return Conditioning(self.kv_prefix(z), offset)
+
+    def _embed_for_scope(self, texts: list[str]) -> torch.Tensor:
+        return self.encoder.embed(texts)
+
+    def route(self, prompts: list[str], use_memory: UseMemory) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which prompts take the memory path -> (mask (Q,) bool, scope scores (Q,))."""
+        n = len(prompts)
+        if use_memory not in ("auto", "always", "never"):
+            raise ValueError(f"use_memory={use_memory!r}: expected 'auto', 'always' or 'never'")
+        if use_memory == "never":
+            return torch.zeros(n, dtype=torch.bool), torch.full((n,), float("nan"))
+        if len(self.facts) == 0:
+            if use_memory == "always":
+                raise EmptyMemoryError("use_memory='always' but memory is empty: write facts first")
+            return torch.zeros(n, dtype=torch.bool), torch.full((n,), -1.0)
+        if use_memory == "always" or not self.config.use_scope_detector:
+            return torch.ones(n, dtype=torch.bool), torch.full((n,), float("nan"))
+        res = self.scope.score(prompts)
+        return res.in_scope, res.score
+
+    @torch.no_grad()
+    def condition_prompts(self, prompts: list[str]) -> Conditioning:
+        """Read memory with each prompt's encoding and map the read-outs to the decoder's conditioning."""
+        return self.conditioning(self.read_latents(self.encoder(prompts)))
+
+    # ------------------------------------------------------------------ decoding
+    def _tokenize_prompts(self, prompts: list[str], padding_side: str):
+        tok = self.tokenizer
+        old = tok.padding_side
+        tok.padding_side = padding_side
+        try:
+            enc = tokenize_truncating(tok, prompts, self.config.max_decoder_tokens, "decoder")
+        finally:
+            tok.padding_side = old
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str] | str,
+        max_new_tokens: int = 20,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        use_memory: UseMemory = "auto",
+        return_details: bool = False,
+    ) -> list[str] | list[Generation]:
+        """Continue each prompt. Greedy by default; sampling with temperature / top-k / top-p and a seed.
+
+        `use_memory`: "auto" (scope detector decides), "always", or "never" (plain decoding).
+        """
+        prompts = check_texts(prompts, "generate")
+        mask, scores = self.route(prompts, use_memory)
+        gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        outputs: list[str | None] = [None] * len(prompts)
+        for use in (True, False):
+            idx = [i for i in range(len(prompts)) if bool(mask[i]) == use]
+            if not idx:
+                continue
+            sub = [prompts[i] for i in idx]
+            ids, att = self._tokenize_prompts(sub, "left")
+            cond = self.condition_prompts(sub) if use else None
+            new = self.runner.generate(
+                ids,
+                att,
+                cond,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+                generator=gen,
+            )
+            for j, i in enumerate(idx):
+                outputs[i] = self.tokenizer.decode(new[j], skip_special_tokens=True)
+        if return_details:
+            return [Generation(outputs[i], bool(mask[i]), float(scores[i])) for i in range(len(prompts))]
+        return outputs  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def score(
+        self,
+        prompts: list[str] | str,
+        candidates: list[str] | list[list[str]],
+        *,
+        use_memory: UseMemory = "auto",
+        batch_size: int = 16,
+    ) -> torch.Tensor:
+        """Mean target-token NLL of each candidate continuation of each prompt -> (Q, n_candidates).
+
+        `candidates` is one list shared by all prompts or one list per prompt (same length each).
+        Continuations are appended verbatim: pass them with their leading space (" Paris").
+        """
+        from larimar.eval.scoring import continuation_nll
+
+        prompts = check_texts(prompts, "score")
+        if candidates and isinstance(candidates[0], str):
+            candidates = [list(candidates)] * len(prompts)  # type: ignore[list-item]
+        if len(candidates) != len(prompts):
+            raise ValueError(f"score: {len(prompts)} prompts but {len(candidates)} candidate lists")
+        n_cand = len(candidates[0])
+        if n_cand == 0 or any(len(c) != n_cand for c in candidates):
+            raise ValueError("score: every prompt needs the same, non-zero number of candidates")
+        mask, _ = self.route(prompts, use_memory)
+        flat_p = [p for p in prompts for _ in range(n_cand)]
+        flat_c = [c for cs in candidates for c in cs]
+        flat_use = mask.repeat_interleave(n_cand)
+        result = torch.empty(len(flat_p))
+        for use in (True, False):
+            idx = [i for i in range(len(flat_p)) if bool(flat_use[i]) == use]
+            if not idx:
+                continue
+            sub_p = [flat_p[i] for i in idx]
+            forward = None
+            if use:
+                cond = self.condition_prompts(sub_p)
+
+                def forward(input_ids, attention_mask, batch_index, _cond=cond):
+                    return self.runner.forward(input_ids, attention_mask, _cond.select(batch_index)).logits
+
+            nll = continuation_nll(
+                self.decoder, self.tokenizer, sub_p, [flat_c[i] for i in idx], batch_size=batch_size, forward_fn=forward
+            )
+            result[idx] = nll.float().cpu()
+        return result.view(len(prompts), n_cand)
+
+    # ------------------------------------------------------------------ training-time forward
+    def conditioned_lm_loss(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        z: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Mean token cross-entropy of `labels` (B, T; -100 ignored) under conditioning from z (B, C) or none."""
+        cond = None if z is None else self.conditioning(z)
+        logits = self.runner.forward(input_ids, attention_mask, cond).logits  # (B, T, V)
+        shift_logits = logits[:, :-1].float()
+        shift_labels = labels[:, 1:]
+        return nn.functional.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100
+        )

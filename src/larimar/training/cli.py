@@ -1,0 +1,85 @@
+"""`larimar train --config CONFIG.yaml`: train the adapter with Lightning, resumably.
+
+The YAML has two sections: `model:` (LarimarConfig fields) and `train:` (see TRAIN_DEFAULTS in
+`larimar.training.module`). Checkpoints (adapter weights + optimiser state, never the frozen base
+models) go to OUTPUT/checkpoints; `last.ckpt` is resumed automatically. At the end the adapter is
+exported to OUTPUT/adapter (config.json + adapter.safetensors, fp16), loadable with
+`Larimar.from_pretrained(OUTPUT/adapter)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML with `model:` and `train:` sections")
+    p.add_argument("--max-steps", type=int, default=None, help="override train.trainer.max_steps")
+    p.add_argument("--output-dir", default=None, help="override train.output_dir")
+    p.add_argument("--fast-dev-run", action="store_true", help="one training and one validation step, no checkpoints")
+    p.add_argument("--no-resume", action="store_true", help="ignore OUTPUT/checkpoints/last.ckpt")
+
+
+def load_config(path: str | Path) -> tuple[dict, dict]:
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    unknown = set(data) - {"model", "train"}
+    if unknown:
+        raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)} (expected 'model' and 'train')")
+    return data.get("model") or {}, data.get("train") or {}
+
+
+def build_trainer(train_cfg: dict, output: Path, *, fast_dev_run: bool = False):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    t = train_cfg["trainer"]
+    callbacks = []
+    if not fast_dev_run:
+        callbacks.append(
+            ModelCheckpoint(dirpath=output / "checkpoints", save_last=True, every_n_train_steps=t["checkpoint_every_n_steps"], save_top_k=0)
+        )
+    return L.Trainer(
+        max_steps=t["max_steps"],
+        accelerator=t["accelerator"],
+        devices=t["devices"],
+        strategy=t["strategy"],
+        precision=t["precision"],
+        val_check_interval=t["val_check_interval"],
+        check_val_every_n_epoch=None,
+        log_every_n_steps=t["log_every_n_steps"],
+        gradient_clip_val=t["gradient_clip_val"],
+        logger=CSVLogger(str(output), name="logs") if not fast_dev_run else False,
+        callbacks=callbacks,
+        fast_dev_run=fast_dev_run,
+        enable_checkpointing=not fast_dev_run,
+        num_sanity_val_steps=0,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from larimar.training.module import LarimarDataModule, LarimarLightning, export_adapter, merge, TRAIN_DEFAULTS
+
+    model_cfg, train_cfg = load_config(args.config)
+    train_cfg = merge(TRAIN_DEFAULTS, train_cfg)
+    if args.max_steps is not None:
+        train_cfg["trainer"]["max_steps"] = args.max_steps
+    if args.output_dir is not None:
+        train_cfg["output_dir"] = args.output_dir
+    output = Path(train_cfg["output_dir"])
+    output.mkdir(parents=True, exist_ok=True)
+    module = LarimarLightning(model_cfg, train_cfg)
+    data = LarimarDataModule(train_cfg["data"])
+    trainer = build_trainer(train_cfg, output, fast_dev_run=args.fast_dev_run)
+    last = output / "checkpoints" / "last.ckpt"
+    ckpt = str(last) if last.is_file() and not args.no_resume and not args.fast_dev_run else None
+    if ckpt:
+        print(f"resuming from {ckpt}")
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+    if not args.fast_dev_run and trainer.global_rank == 0:
+        export_adapter(module, output / "adapter")
+        print(f"adapter exported to {output / 'adapter'}")
+    return 0

@@ -1,0 +1,204 @@
+"""Training episodes for the Larimar adapter (paper Eq. 1): generic text, never edits.
+
+An *episode* is E items written to memory together. Each item is a (query, continuation) pair whose
+concatenation is a chunk of at most `max_tokens` decoder tokens:
+
+- text chunks: a sentence (or short run of sentences) from a directory of .txt files, split at a random
+  50-90 % word boundary: at edit time a query lacks the part of the fact that memory must supply;
+- fact sentences (optional, `facts` source): PARAREL patterns over T-REx facts with objects shuffled
+  drawn at random from each relation's object pool, so the decoder can only get the object from memory, never from its own
+  knowledge; the continuation is the object. Subjects that occur in the evaluation sets (CounterFact,
+  ZsRE) are dropped, so no edit content enters training.
+
+Documents (WikiText articles, novel chapters, relations for facts) are split into train / validation by a
+stable hash, never mixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+_SENT = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
+_WIKI_HEADING = re.compile(r"^ = [^=].* = $")
+
+
+@dataclass(frozen=True)
+class Item:
+    query: str
+    continuation: str  # starts with a space unless empty
+    kind: str  # "text" | "fact"
+
+    @property
+    def text(self) -> str:
+        return self.query + self.continuation
+
+
+def detokenise_wikitext(text: str) -> str:
+    """Undo WikiText's spaced punctuation (' @-@ ', ' , ', ' . ') well enough for training text."""
+    text = text.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
+    text = re.sub(r" ([.,;:!?)\]'])", r"\1", text)
+    text = re.sub(r"([(\[]) ", r"\1", text)
+    text = text.replace(" 's", "'s").replace(" n't", "n't").replace('" ', '"')
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def read_documents(root: str | Path) -> list[tuple[str, str]]:
+    """(doc_id, text) pairs from every .txt / .raw file under `root`.
+
+    WikiText files split at top-level headings (' = Title = '); other files split at 'CHAPTER' lines
+    (novels) or are one document each.
+    """
+    root = Path(root)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".txt", ".raw") and p.name != "README")
+    if not files:
+        raise FileNotFoundError(f"{root}: no .txt or .raw files found")
+    docs = []
+    for path in files:
+        raw = path.read_text(encoding="utf-8", errors="replace")
+        rel = str(path.relative_to(root))
+        if "wikitext" in rel.lower() or path.suffix == ".raw":
+            current, title = [], "preamble"
+            for line in raw.splitlines():
+                if _WIKI_HEADING.match(line):
+                    if current:
+                        docs.append((f"{rel}#{title}", detokenise_wikitext(" ".join(current))))
+                    current, title = [], line.strip(" =")
+                elif line.strip() and not line.strip().startswith("="):
+                    current.append(line)
+            if current:
+                docs.append((f"{rel}#{title}", detokenise_wikitext(" ".join(current))))
+        else:
+            parts = re.split(r"\n\s*CHAPTER [^\n]*\n", raw)
+            for i, part in enumerate(parts):
+                text = re.sub(r"\s+", " ", part).strip()
+                if text:
+                    docs.append((f"{rel}#{i}", text))
+    return docs
+
+
+def is_validation(doc_id: str, fraction: float) -> bool:
+    h = int(hashlib.sha1(doc_id.encode()).hexdigest()[:8], 16)
+    return (h % 10_000) < fraction * 10_000
+
+
+def sentences(text: str, min_words: int = 6, max_words: int = 40) -> list[str]:
+    out = []
+    for s in _SENT.split(text):
+        s = s.strip()
+        n = len(s.split())
+        if min_words <= n <= max_words and "<unk>" not in s and not s.startswith("="):
+            out.append(s)
+    return out
+
+
+def split_item(sentence: str, rng: random.Random, lo: float = 0.5, hi: float = 0.9) -> Item:
+    words = sentence.split(" ")
+    cut = max(1, min(len(words) - 1, round(len(words) * rng.uniform(lo, hi))))
+    return Item(" ".join(words[:cut]), " " + " ".join(words[cut:]), "text")
+
+
+# ---------------------------------------------------------------------------------------------- facts
+def _eval_subjects(data_root: Path) -> set[str]:
+    subjects: set[str] = set()
+    for path in list((data_root / "counterfact").glob("*.json")) + list((data_root / "zsre").glob("*.json")):
+        try:
+            records = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        for r in records:
+            s = r.get("subject") or (r.get("requested_rewrite") or {}).get("subject")
+            if s:
+                subjects.add(s.strip().lower())
+    return subjects
+
+
+@dataclass
+class Relation:
+    """One PARAREL relation: cloze patterns (text before the object), subjects, and its object pool."""
+
+    patterns: list[str]
+    subjects: list[str]
+    objects: list[str]
+
+    def sample(self, rng: random.Random) -> Item:
+        # object drawn afresh at every draw: no subject->object mapping exists to memorise
+        pattern, subject, obj = rng.choice(self.patterns), rng.choice(self.subjects), rng.choice(self.objects)
+        return Item(pattern.replace("[X]", subject), " " + obj, "fact")
+
+
+def load_relations(pararel_root: str | Path, *, exclude_subjects: set[str] | None = None) -> dict[str, Relation]:
+    """relation id -> Relation, from PARAREL patterns ending in '[Y].' and T-REx facts."""
+    root = Path(pararel_root)
+    exclude = exclude_subjects or set()
+    out: dict[str, Relation] = {}
+    for pat_file in sorted((root / "graphs_json").glob("P*.jsonl")):
+        facts_file = root / "trex_lms_vocab" / pat_file.name
+        if not facts_file.is_file():
+            continue
+        patterns = []
+        for line in pat_file.read_text().splitlines():
+            if not line.strip():
+                continue
+            p = json.loads(line)["pattern"].strip()
+            if p.endswith("[Y].") and p.count("[X]") == 1 and "[Y]" not in p[:-4]:
+                patterns.append(p[:-4].rstrip())
+        facts = [json.loads(x) for x in facts_file.read_text().splitlines() if x.strip()]
+        subjects = sorted({f["sub_label"] for f in facts if f["sub_label"].strip().lower() not in exclude})
+        objects = sorted({f["obj_label"] for f in facts})
+        if patterns and subjects and len(objects) > 1:
+            out[pat_file.stem] = Relation(patterns, subjects, objects)
+    return out
+
+
+class EpisodeSampler:
+    """Draws episodes of E items from text chunks and (optionally) fact sentences."""
+
+    def __init__(
+        self,
+        text_root: str | Path | None,
+        pararel_root: str | Path | None = None,
+        *,
+        split: str = "train",
+        val_fraction: float = 0.05,
+        fact_fraction: float = 0.5,
+        seed: int = 0,
+        exclude_eval_from: str | Path | None = None,
+    ):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        self.rng = random.Random(seed + (0 if split == "train" else 1))
+        self.texts: list[str] = []
+        if text_root is not None:
+            for doc_id, text in read_documents(text_root):
+                if is_validation(doc_id, val_fraction) == (split == "val"):
+                    self.texts.extend(sentences(text))
+        self.relations: list[Relation] = []
+        if pararel_root is not None and fact_fraction > 0:
+            exclude = _eval_subjects(Path(exclude_eval_from)) if exclude_eval_from else set()
+            for rel, relation in load_relations(pararel_root, exclude_subjects=exclude).items():
+                if is_validation("pararel#" + rel, val_fraction * 2) == (split == "val"):
+                    self.relations.append(relation)
+        self.fact_fraction = fact_fraction if self.relations else 0.0
+        if not self.texts and not self.relations:
+            raise ValueError("EpisodeSampler: no training material found (check text_root / pararel_root)")
+        if not self.texts:
+            self.fact_fraction = 1.0
+
+    def item(self) -> Item:
+        if self.rng.random() < self.fact_fraction:
+            return self.rng.choice(self.relations).sample(self.rng)
+        return split_item(self.rng.choice(self.texts), self.rng)
+
+    def episode(self, size: int) -> list[Item]:
+        return [self.item() for _ in range(size)]
+
+    def text_chunk(self) -> Item:
+        """A plain text item (for the language-model regulariser)."""
+        if not self.texts:
+            return self.rng.choice(self.relations).sample(self.rng)
+        return split_item(self.rng.choice(self.texts), self.rng)

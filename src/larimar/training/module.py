@@ -1,0 +1,260 @@
+"""LightningModule and DataModule training the Larimar adapter end to end (paper Eq. 1).
+
+Per step, one episode of E items (see `larimar.training.data`) is encoded, written to memory in one
+shot, and read back with the encoding of each item's *query* (the part a user would ask with). One
+decoder pass then scores three kinds of rows:
+
+    memory rows  (E):     item | prefix from the read-out z_r          -> reconstruction from memory
+    autoencoder  (n_ae):  item | prefix from its own encoding z       -> autoencoder term
+    LM rows      (n_lm):  text | prefix from an empty memory (z = 0)  -> keeps empty-memory decoding
+                                                                           close to the base model
+plus β_t·KL(q(W) || N(0, I)) with a cyclical β. The decoder stays frozen.
+
+Memory write (differentiable): W = Z·M0^†, M = argmin ||Z − W·M||² + λ||M||² = Wᵀ(λI + W·Wᵀ)⁻¹·Z;
+read: w = Q·M0^† + σ_W·ε, z_r = w·M. This is the same algebra the editing API runs with
+`addressing="reference"` and a zero prior, so training matches inference.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from larimar.memory import pinv
+from larimar.modeling.config import LarimarConfig
+from larimar.training.data import EpisodeSampler, Item
+from larimar.training.losses import cyclical_beta, kl_to_standard_normal, token_accuracy, weighted_token_ce
+
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "data": {
+        "text_root": "../shared/data/text",
+        "pararel_root": "../shared/data/pararel",
+        "exclude_eval_from": "../shared/data",
+        "fact_fraction": 0.5,
+        "episode_size": 16,
+        "n_ae": 4,
+        "n_lm": 4,
+        "max_tokens": 64,
+        "context_weight": 0.3,
+        "val_episodes": 16,
+        "seed": 0,
+    },
+    "optim": {"lr": 1e-3, "base_lr": 1e-4, "encoder_lr": 2e-5, "weight_decay": 0.0, "warmup_steps": 50},
+    "loss": {"beta_max": 0.5, "n_cycles": 10, "kl_weight": 1.0, "ae_weight": 1.0, "lm_weight": 1.0},
+    "trainer": {
+        "max_steps": 2000,
+        "accelerator": "cpu",
+        "devices": 1,
+        "strategy": "auto",
+        "precision": "bf16-mixed",
+        "val_check_interval": 200,
+        "log_every_n_steps": 10,
+        "checkpoint_every_n_steps": 100,
+        "gradient_clip_val": 1.0,
+    },
+    "train_encoder": False,
+    "output_dir": "runs/small",
+}
+
+
+def merge(defaults: dict, overrides: dict) -> dict:
+    out = dict(defaults)
+    for k, v in (overrides or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+class EpisodeStream(IterableDataset):
+    """Infinite stream of episodes (lists of Items), each paired with LM regulariser chunks."""
+
+    def __init__(self, sampler: EpisodeSampler, episode_size: int, n_lm: int, n_episodes: int | None = None, seed: int = 0):
+        self.sampler, self.episode_size, self.n_lm, self.n_episodes, self.seed = sampler, episode_size, n_lm, n_episodes, seed
+
+    def __iter__(self):
+        if self.n_episodes is not None:  # fixed validation set: same episodes every time
+            self.sampler.rng = random.Random(self.seed)
+        i = 0
+        while self.n_episodes is None or i < self.n_episodes:
+            yield {"items": self.sampler.episode(self.episode_size), "lm": [self.sampler.text_chunk() for _ in range(self.n_lm)]}
+            i += 1
+
+
+def _identity(batch):
+    return batch[0]
+
+
+class LarimarDataModule(L.LightningDataModule):
+    def __init__(self, data: dict[str, Any]):
+        super().__init__()
+        self.cfg = data
+
+    def setup(self, stage: str | None = None) -> None:
+        c = self.cfg
+        kw = dict(pararel_root=c.get("pararel_root"), fact_fraction=c["fact_fraction"], seed=c["seed"], exclude_eval_from=c.get("exclude_eval_from"))
+        self.train_sampler = EpisodeSampler(c["text_root"], split="train", **kw)
+        self.val_sampler = EpisodeSampler(c["text_root"], split="val", **kw)
+
+    def train_dataloader(self):
+        ds = EpisodeStream(self.train_sampler, self.cfg["episode_size"], self.cfg["n_lm"])
+        return DataLoader(ds, batch_size=1, collate_fn=_identity)
+
+    def val_dataloader(self):
+        ds = EpisodeStream(self.val_sampler, self.cfg["episode_size"], self.cfg["n_lm"], n_episodes=self.cfg["val_episodes"], seed=1234)
+        return DataLoader(ds, batch_size=1, collate_fn=_identity)
+
+
+def tokenize_items(tokenizer, items: list[Item], max_tokens: int, context_weight: float, device) -> dict[str, torch.Tensor]:
+    """Items -> right-padded input_ids, attention_mask and per-token loss weights (B, T).
+
+    Continuation tokens weigh 1, query tokens `context_weight`, padding 0.
+    """
+    rows, weights = [], []
+    for it in items:
+        q = tokenizer(it.query, add_special_tokens=False)["input_ids"]
+        full = tokenizer(it.text, add_special_tokens=False)["input_ids"][:max_tokens]
+        n_q = min(len(q), len(full))
+        rows.append(full)
+        weights.append([context_weight] * n_q + [1.0] * (len(full) - n_q))
+    T = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(rows), T), pad, dtype=torch.long)
+    att = torch.zeros((len(rows), T), dtype=torch.long)
+    w = torch.zeros((len(rows), T))
+    for i, (r, wt) in enumerate(zip(rows, weights)):
+        ids[i, : len(r)] = torch.tensor(r)
+        att[i, : len(r)] = 1
+        w[i, : len(r)] = torch.tensor(wt)
+    return {"input_ids": ids.to(device), "attention_mask": att.to(device), "weights": w.to(device)}
+
+
+def memory_readout(Z: torch.Tensor, Q: torch.Tensor, M0: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable one-shot write of Z (E, C) with reference M0 (K, C) and read with Q (E, C).
+
+    Returns (z_r (E, C) before read noise is added: use `w_q`, w_q (E, K), M (K, C)) as (w_q, M).
+    """
+    M0_pinv = pinv(M0.float())  # (C, K)
+    W = Z @ M0_pinv  # (E, K)
+    Wq = Q @ M0_pinv  # (E, K)
+    E = W.shape[0]
+    gram = W @ W.T + lam * torch.eye(E, dtype=W.dtype, device=W.device)  # (E, E)
+    M = W.T @ torch.linalg.solve(gram, Z)  # (K, C): ridge solution via the E x E dual
+    return Wq, M
+
+
+class LarimarLightning(L.LightningModule):
+    def __init__(self, model_config: dict[str, Any], train_config: dict[str, Any]):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_config = LarimarConfig.from_dict(model_config)
+        self.train_cfg = merge(TRAIN_DEFAULTS, train_config)
+        self.model = None
+        self.strict_loading = False  # checkpoints hold the adapter only, not the frozen base models
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        from larimar.modeling.model import Larimar
+
+        cfg = self.model_config.replace(extra={**self.model_config.extra, "train_encoder": self.train_cfg["train_encoder"]})
+        self.model = Larimar.from_config(cfg)
+        if not self.train_cfg["train_encoder"]:
+            for p in self.model.encoder.model.parameters():
+                p.requires_grad_(False)
+
+    # ------------------------------------------------------------------ the objective
+    def episode_losses(self, batch: dict[str, list[Item]], step: int | None = None) -> dict[str, torch.Tensor]:
+        m = self.model
+        d, lc = self.train_cfg["data"], self.train_cfg["loss"]
+        items, lm_items = batch["items"], batch["lm"]
+        n_ae = min(d["n_ae"], len(items))
+        train_enc = self.train_cfg["train_encoder"]
+        with torch.set_grad_enabled(train_enc and torch.is_grad_enabled()):
+            emb = m.encoder.embed([it.text for it in items] + [it.query for it in items])  # (2E, H)
+        Z, Q = m.encoder.head(emb.float()).chunk(2)  # (E, C) each
+        Wq, M = memory_readout(Z.float(), Q.float(), m.M0, self.model_config.ridge)
+        log_sigma = m.log_sigma_w
+        w = Wq + torch.exp(log_sigma) * torch.randn_like(Wq) if self.training else Wq
+        z_r = w @ M  # (E, C)
+        z_all = torch.cat([z_r, Z[:n_ae], torch.zeros(len(lm_items), Z.shape[1], device=Z.device)])
+        rows = list(items) + list(items[:n_ae]) + list(lm_items)
+        tok = tokenize_items(m.tokenizer, rows, d["max_tokens"], d["context_weight"], Z.device)
+        cond = m.conditioning(z_all)
+        logits = m.runner.forward(tok["input_ids"], tok["attention_mask"], cond).logits  # (B, T, V)
+        ids, wts = tok["input_ids"], tok["weights"]
+        E = len(items)
+        parts = {"mem": slice(0, E), "ae": slice(E, E + n_ae), "lm": slice(E + n_ae, len(rows))}
+        out: dict[str, torch.Tensor] = {}
+        for name, sl in parts.items():
+            if sl.stop > sl.start:
+                out[f"nll_{name}"] = weighted_token_ce(logits[sl], ids[sl], wts[sl])
+                out[f"acc_{name}"] = token_accuracy(logits[sl], ids[sl], (wts[sl] >= 1.0).float())
+        kinds = [it.kind for it in items]
+        fact_rows = [i for i, k in enumerate(kinds) if k == "fact"]
+        if fact_rows:
+            sl = torch.tensor(fact_rows, device=ids.device)
+            out["acc_mem_fact_object"] = token_accuracy(logits[sl], ids[sl], (wts[sl] >= 1.0).float())
+        out["kl"] = kl_to_standard_normal(Wq, log_sigma)
+        total_steps = self.train_cfg["trainer"]["max_steps"]
+        beta = cyclical_beta(step or 0, total_steps, n_cycles=lc["n_cycles"], beta_max=lc["beta_max"])
+        out["beta"] = torch.tensor(beta)
+        loss = out["nll_mem"] + lc["ae_weight"] * out.get("nll_ae", 0.0) + lc["lm_weight"] * out.get("nll_lm", 0.0)
+        out["loss"] = loss + lc["kl_weight"] * beta * out["kl"]
+        return out
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch  # episodes are text; tokenisation happens on the model's device in episode_losses
+
+    def training_step(self, batch, batch_idx):
+        out = self.episode_losses(batch, self.global_step)
+        self.log_dict({f"train/{k}": v.detach().float() for k, v in out.items()}, prog_bar=False, batch_size=1)
+        self.log("loss", out["loss"].detach(), prog_bar=True, batch_size=1)
+        self.log("mem", out["nll_mem"].detach(), prog_bar=True, batch_size=1)
+        return out["loss"]
+
+    def validation_step(self, batch, batch_idx):
+        out = self.episode_losses(batch, self.global_step)
+        self.log_dict({f"val/{k}": v.detach().float() for k, v in out.items()}, batch_size=1)
+
+    def configure_optimizers(self):
+        o = self.train_cfg["optim"]
+        m = self.model
+        groups = [
+            {"params": [m.kv_prefix.base], "lr": o["base_lr"]},
+            {"params": list(m.kv_prefix.slots.parameters()) + list(m.kv_prefix.out.parameters()), "lr": o["lr"]},
+            {"params": list(m.encoder.head.parameters()) + [m.M0, m.log_sigma_w], "lr": o["lr"]},
+        ]
+        if m.emb_offset is not None:
+            groups.append({"params": list(m.emb_offset.parameters()), "lr": o["lr"]})
+        if self.train_cfg["train_encoder"]:
+            groups.append({"params": list(m.encoder.model.parameters()), "lr": o["encoder_lr"]})
+        opt = torch.optim.AdamW(groups, weight_decay=o["weight_decay"])
+        warm = max(1, int(o["warmup_steps"]))
+        total = max(warm + 1, int(self.train_cfg["trainer"]["max_steps"]))
+
+        def schedule(step: int) -> float:  # linear warm-up, cosine decay to 10 %
+            if step < warm:
+                return (step + 1) / warm
+            progress = (step - warm) / (total - warm)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints hold the adapter only
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = {"model." + k for k in self.model.adapter_state()}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+
+def export_adapter(module: LarimarLightning, directory: str | Path, *, half: bool = True) -> None:
+    module.model.config = module.model.config.replace(trained=True)
+    module.model.save_pretrained(directory, half=half)

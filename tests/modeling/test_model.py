@@ -1,0 +1,246 @@
+"""Larimar model on tiny random GPT-2 / Llama (grouped KV heads) / BERT: wiring, exactness, persistence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from larimar.editing.store import FactNotFoundError, MemoryFileError
+from larimar.modeling.conditioning import Conditioning, ConditionedDecoder, KVShape
+from larimar.modeling.config import LarimarConfig
+from larimar.modeling.encoder import TextInputError
+from larimar.modeling.model import EmptyMemoryError, Larimar
+from larimar.testing import tiny_bert, tiny_bert_tokenizer, tiny_gpt2, tiny_llama, tiny_tokenizer
+
+FACTS = [
+    "The mother tongue of Danielle Darrieux is English.",
+    "The capital of France is Rome.",
+    "Apple was founded by Bill Gates.",
+]
+
+
+def make(decoder: str = "llama", **cfg) -> Larimar:
+    tok = tiny_tokenizer(pad_token=True)
+    dec = tiny_llama(kv_heads=1) if decoder == "llama" else tiny_gpt2()
+    config = LarimarConfig(latent_size=16, memory_size=12, prefix_len=3, prefix_hidden=8, **cfg)
+    model = Larimar(config, tiny_bert(), tiny_bert_tokenizer(), dec, tok)
+    with torch.no_grad():  # untrained maps start at zero; give them weights so the prefix matters
+        torch.manual_seed(0)
+        model.kv_prefix.out.weight.normal_(0, 0.5)
+        if model.emb_offset is not None:
+            model.emb_offset.proj.weight.normal_(0, 0.5)
+    return model
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def model(request) -> Larimar:
+    return make(request.param)
+
+
+def test_kv_shape_handles_grouped_heads():
+    s = KVShape.from_config(tiny_llama(kv_heads=1).config)
+    assert (s.n_kv_heads, s.head_dim) == (1, tiny_llama(kv_heads=1).config.hidden_size // tiny_llama(kv_heads=1).config.num_attention_heads)
+    g = KVShape.from_config(tiny_gpt2().config)
+    assert g.n_kv_heads == tiny_gpt2().config.n_head
+
+
+def test_prefix_shapes(model):
+    z = torch.randn(2, 16)
+    prefix = model.kv_prefix(z)
+    s = model.kv_shape
+    assert len(prefix) == s.n_layers
+    for k, v in prefix:
+        assert k.shape == v.shape == (2, s.n_kv_heads, 3, s.head_dim)
+
+
+def test_no_conditioning_equals_base_model_exactly(model):
+    ids, att = model._tokenize_prompts(["The capital of France is", "Apple was"], "right")
+    base = model.decoder(input_ids=ids, attention_mask=att).logits
+    ours = model.runner.forward(ids, att, None).logits
+    assert torch.equal(base, ours)
+    ours2 = model.runner.forward(ids, att, Conditioning()).logits
+    assert torch.equal(base, ours2)
+
+
+def test_conditioning_changes_logits(model):
+    ids, att = model._tokenize_prompts(["The capital of France is"], "right")
+    base = model.decoder(input_ids=ids, attention_mask=att).logits
+    cond = model.conditioning(torch.randn(1, 16))
+    assert not torch.allclose(base, model.runner.forward(ids, att, cond).logits)
+
+
+def test_empty_prefix_base_matches_decoder_own_cache():
+    """The untrained prefix is the decoder's own K/V of `prefix_init_text`: conditioning on z=0 with a
+    zero delta equals running the decoder on that text followed by the prompt."""
+    m = make("llama", embedding_offset=False, prefix_init_text="Paris")
+    with torch.no_grad():
+        m.kv_prefix.out.weight.zero_()
+    ids_text = m.tokenizer("Paris", add_special_tokens=False)["input_ids"]
+    ids_text = (ids_text * 3)[:3]
+    prompt = m.tokenizer(" is big", add_special_tokens=False)["input_ids"]
+    full = torch.tensor([ids_text + prompt])
+    ref = m.decoder(input_ids=full).logits[:, 3:]
+    cond = m.conditioning(torch.zeros(1, 16))
+    got = m.runner.forward(torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long), cond).logits
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_generate_with_cache_matches_full_forward_greedy(model):
+    """KV-cached greedy decoding == argmax of full forwards re-run on the growing sequence."""
+    prompt = ["The capital of France is"]
+    cond = model.conditioning(torch.randn(1, 16))
+    ids, att = model._tokenize_prompts(prompt, "left")
+    new = model.runner.generate(ids, att, cond, max_new_tokens=5, pad_token_id=model.tokenizer.pad_token_id)
+    seq = ids
+    for t in range(5):
+        logits = model.runner.forward(seq, torch.ones_like(seq), cond).logits
+        nxt = logits[:, -1].argmax(-1)
+        assert int(nxt) == int(new[0, t])
+        seq = torch.cat([seq, nxt[:, None]], 1)
+
+
+def test_batched_generation_equals_single(model):
+    prompts = ["The capital of France is", "Apple was founded by Steve"]
+    z = torch.randn(2, 16)
+    cond = model.conditioning(z)
+    ids, att = model._tokenize_prompts(prompts, "left")
+    batched = model.runner.generate(ids, att, cond, max_new_tokens=4, pad_token_id=0)
+    for i, p in enumerate(prompts):
+        ids1, att1 = model._tokenize_prompts([p], "left")
+        single = model.runner.generate(ids1, att1, cond.select([i]), max_new_tokens=4, pad_token_id=0)
+        assert torch.equal(single[0], batched[i])
+
+
+def test_write_read_forget_cycle(model):
+    model.write(FACTS)
+    assert len(model) == 3
+    z = model.read(["The mother tongue of Danielle Darrieux is"])
+    assert z.shape == (1, 16)
+    M_before = model.facts.state.M.clone()
+    model.write(["Toko Yasuda plays the piano."])
+    model.forget(["Toko Yasuda plays the piano."])
+    torch.testing.assert_close(model.facts.state.M, M_before, atol=1e-9, rtol=1e-7)
+    assert len(model) == 3
+
+
+def test_forget_unknown_text_leaves_memory_unchanged(model):
+    model.write(FACTS)
+    M = model.facts.state.M.clone()
+    with pytest.raises(FactNotFoundError, match="never written"):
+        model.forget([FACTS[0], "Something never written."])
+    assert torch.equal(model.facts.state.M, M) and len(model) == 3
+
+
+def test_bad_text_inputs(model):
+    with pytest.raises(TextInputError, match="empty"):
+        model.write(["ok fact.", "   "])
+    with pytest.raises(TextInputError):
+        model.write([])
+    assert len(model) == 0
+    with pytest.raises(EmptyMemoryError):
+        model.read(["anything"])
+
+
+def test_overlong_text_warns_and_truncates(model):
+    long = "Paris is big. " * 200
+    with pytest.warns(UserWarning, match="truncated"):
+        model.write([long])
+    assert len(model) == 1
+
+
+def test_scope_routing(model):
+    model.config.scope_threshold = 0.99
+    model.scope.threshold = 0.99
+    model.write(FACTS)
+    out = model.generate([FACTS[1], "Completely unrelated words here"], max_new_tokens=3, return_details=True)
+    assert out[0].used_memory and out[0].scope_score > 0.99
+    assert not out[1].used_memory
+
+
+def test_generate_out_of_scope_equals_plain(model):
+    plain = model.generate(["Apple was founded by"], max_new_tokens=4, use_memory="never")
+    model.write(FACTS)
+    routed = model.generate(["Apple was founded by"], max_new_tokens=4, use_memory="never")
+    assert plain == routed
+    with pytest.raises(ValueError):
+        model.generate(["x"], use_memory="sometimes")
+
+
+def test_always_memory_on_empty_raises(model):
+    with pytest.raises(EmptyMemoryError):
+        model.generate(["Apple was founded by"], use_memory="always")
+
+
+def test_score_uses_memory_and_matches_manual(model):
+    model.write(FACTS)
+    nll = model.score(["The capital of France is"], [" Rome", " Paris"], use_memory="always")
+    assert nll.shape == (1, 2)
+    # manual: conditioned forward over prompt + candidate, mean NLL of the candidate tokens
+    cond = model.condition_prompts(["The capital of France is"])
+    p = model.tokenizer("The capital of France is")["input_ids"]
+    for j, cand in enumerate([" Rome", " Paris"]):
+        full = model.tokenizer("The capital of France is" + cand)["input_ids"]
+        ids = torch.tensor([full])
+        logits = model.runner.forward(ids, torch.ones_like(ids), cond).logits[0]
+        logp = logits.log_softmax(-1)
+        targets = full[len(p):]
+        manual = -torch.stack([logp[len(p) - 1 + i, t] for i, t in enumerate(targets)]).mean()
+        torch.testing.assert_close(nll[0, j], manual, atol=1e-4, rtol=1e-4)
+    plain = model.score(["The capital of France is"], [" Rome", " Paris"], use_memory="never")
+    assert not torch.allclose(plain, nll)
+
+
+def test_save_and_load_memory(model, tmp_path):
+    model.write(FACTS)
+    model.save_memory(tmp_path / "mem")
+    z = model.read(["The capital of France is"])
+    model.reset_memory()
+    assert len(model) == 0
+    model.load_memory(tmp_path / "mem")
+    assert len(model) == 3
+    torch.testing.assert_close(model.read(["The capital of France is"]), z)
+    (tmp_path / "mem" / "facts.safetensors").write_bytes(b"garbage")
+    with pytest.raises(MemoryFileError):
+        model.load_memory(tmp_path / "mem")
+    assert len(model) == 3  # failed load changes nothing
+
+
+def test_adapter_round_trip(tmp_path):
+    m = make("gpt2")
+    m.save_pretrained(tmp_path)
+    assert (tmp_path / "config.json").is_file()
+    weights = m.adapter_state()
+    assert not any(k.startswith("decoder.") or k.startswith("encoder.model.") for k in weights)
+    m2 = make("gpt2")
+    with torch.no_grad():
+        m2.kv_prefix.out.weight.zero_()
+    from safetensors.torch import load_file
+
+    m2.load_adapter_state(load_file(str(tmp_path / "adapter.safetensors")))
+    for k, v in m.adapter_state().items():
+        assert torch.equal(v, m2.adapter_state()[k]), k
+    assert LarimarConfig.load(tmp_path / "config.json") == m.config
+
+
+def test_adapter_mismatch_is_a_clear_error():
+    m = make("gpt2")
+    bad = dict(m.adapter_state())
+    bad["M0"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match="M0"):
+        m.load_adapter_state(bad)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="addressing"):
+        LarimarConfig(addressing="psychic")
+    with pytest.raises(ValueError, match="unknown"):
+        LarimarConfig.from_dict({"nonsense": 1})
+
+
+def test_decoder_stays_frozen(model):
+    assert all(not p.requires_grad for p in model.decoder.parameters())
+    z = torch.randn(2, 16, requires_grad=True)
+    ids, att = model._tokenize_prompts(["a b c", "d e"], "right")
+    loss = model.conditioned_lm_loss(ids, att, ids.masked_fill(att == 0, -100), z)
+    loss.backward()
+    assert model.kv_prefix.out.weight.grad is not None and z.grad is not None
