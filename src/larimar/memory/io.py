@@ -6,7 +6,7 @@ File layout: a standard safetensors file whose tensors are ``M``, ``cov``, ``M_r
 
     {"format_version": 1, "K": ..., "C": ..., "batch_size": null | B, "dtype": "float32",
      "addressing": "reference", "lam": 1.0, "gaussian_alpha": 1.0, "pinv_method": "svd",
-     "track_precision": true, "n_rows": ..., "n_episodes": ...}
+     "track_precision": true, "n_rows": ..., "n_writes": ..., "n_forgets": ...}
 
 Writes are atomic (temporary file in the target directory, ``fsync``, ``os.replace``), so a failed
 save never damages an existing file. Loading checks the header, the metadata, every tensor's
@@ -60,7 +60,8 @@ def save_state(state: MemoryState, path: str | os.PathLike[str]) -> None:
         "pinv_method": state.pinv_method,
         "track_precision": state.track_precision,
         "n_rows": state.n_rows,
-        "n_episodes": state.n_episodes,
+        "n_writes": state.n_writes,
+        "n_forgets": state.n_forgets,
     }
     data = st_save(tensors, metadata={METADATA_KEY: json.dumps(meta)})
 
@@ -121,7 +122,8 @@ def _parse_meta(header: dict[str, Any], path: str) -> dict[str, Any]:
         "pinv_method": str,
         "track_precision": bool,
         "n_rows": int,
-        "n_episodes": int,
+        "n_writes": int,
+        "n_forgets": int,
     }
     for key, typ in spec.items():
         if key not in meta:
@@ -180,7 +182,7 @@ def load_state(path: str | os.PathLike[str], *, device: torch.device | str = "cp
         raise MemoryFileError(f"{path}: missing tensor(s) {', '.join(missing)}")
     if extra:
         raise MemoryFileError(f"{path}: unexpected tensor(s) {', '.join(extra)}")
-    for name in expected:
+    for name in (n for n in _REQUIRED + _TRACKED if n in expected):
         t = tensors[name]
         if t.dtype != dtype:
             raise MemoryFileError(f"{path}: tensor {name!r} has dtype {t.dtype}, metadata says {dtype}")
@@ -205,7 +207,8 @@ def load_state(path: str | os.PathLike[str], *, device: torch.device | str = "cp
             precision=tensors.get("precision"),
             moment=tensors.get("moment"),
             n_rows=meta["n_rows"],
-            n_episodes=meta["n_episodes"],
+            n_writes=meta["n_writes"],
+            n_forgets=meta["n_forgets"],
         )
     except MemoryEngineError as e:
         raise MemoryFileError(f"{path}: inconsistent state ({e})") from None

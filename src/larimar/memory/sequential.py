@@ -30,8 +30,8 @@ more rank-N updates per operation, no solves). :meth:`MemoryState.drift` measure
 ``Cov``/``M`` are from ``A^{-1}``/``A^{-1} B`` and :meth:`MemoryState.refresh` recomputes them
 exactly in ``O(K³ + K² C)``.
 
-What forgetting can detect. The state counts rows and episodes written; forgetting more than was
-written raises :class:`ForgetError`. An episode that *is* in memory always satisfies
+What forgetting can detect. The state counts the rows in memory; forgetting more rows than are
+in memory raises :class:`ForgetError`. An episode that *is* in memory always satisfies
 ``W Cov W^T < I`` (eigenvalues of ``I - W Cov W^T`` in ``(0, 1]``), so if the Cholesky factor of
 ``I - W Cov W^T`` fails (or its smallest pivot is at rounding level) the episode cannot be in
 memory and :class:`ForgetError` is raised before anything changes. The converse does not hold: an
@@ -285,8 +285,12 @@ class MemoryState:
         pinv_method: pseudo-inverse method for ``"current"`` addressing (and ``M_ref^†``).
         precision: exact ``A = λI + Σ α W^T W`` ``(…, K, K)`` or ``None`` (not tracked).
         moment: exact ``B = λ M_prior + Σ α W^T Z`` ``(…, K, C)`` or ``None``.
-        n_rows: rows currently written (writes minus forgets).
-        n_episodes: episodes currently written.
+        n_rows: rows currently in memory (rows written minus rows forgotten); forgetting more
+            rows than this raises :class:`ForgetError`.
+        n_writes: number of successful ``write`` calls (episodes written, monotone).
+        n_forgets: number of successful ``forget`` calls (monotone). Rows of one written episode
+            may be forgotten one at a time or together with rows of other episodes — the posterior
+            depends only on the multiset of rows — so episodes are counted, not matched.
     """
 
     M: torch.Tensor
@@ -301,7 +305,8 @@ class MemoryState:
     precision: torch.Tensor | None = None
     moment: torch.Tensor | None = None
     n_rows: int = 0
-    n_episodes: int = 0
+    n_writes: int = 0
+    n_forgets: int = 0
 
     # ---------------------------------------------------------------- construction / checks
     def __post_init__(self) -> None:
@@ -331,12 +336,10 @@ class MemoryState:
         check_positive(self.gaussian_alpha, "gaussian_alpha")
         check_choice(self.addressing, "addressing mode", ADDRESSING_MODES)
         check_choice(self.pinv_method, "pinv_method", PINV_METHODS)
-        for name in ("n_rows", "n_episodes"):
+        for name in ("n_rows", "n_writes", "n_forgets"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise MemoryInputError(f"{name} must be an int >= 0, got {v!r}")
-        if self.n_episodes > self.n_rows:
-            raise MemoryInputError(f"n_episodes ({self.n_episodes}) cannot exceed n_rows ({self.n_rows})")
 
     @classmethod
     def init(
@@ -408,7 +411,8 @@ class MemoryState:
         return (
             f"MemoryState({b}K={self.K}, C={self.C}, dtype={self.dtype}, device={self.device}, "
             f"addressing={self.addressing!r}, lam={self.lam:g}, n_rows={self.n_rows}, "
-            f"n_episodes={self.n_episodes}, track_precision={self.track_precision})"
+            f"n_writes={self.n_writes}, n_forgets={self.n_forgets}, "
+            f"track_precision={self.track_precision})"
         )
 
     # ---------------------------------------------------------------- properties
@@ -470,12 +474,8 @@ class MemoryState:
             W = self._address(Z)
             check_finite(W, "W (computed by addressing)")
         N = Z.shape[-2]
-        if alpha < 0:
-            if self.n_episodes == 0 or N > self.n_rows:
-                raise ForgetError(
-                    f"cannot forget {N} row(s): only {self.n_rows} row(s) in {self.n_episodes} "
-                    "episode(s) are in memory"
-                )
+        if alpha < 0 and N > self.n_rows:
+            raise ForgetError(f"cannot forget {N} row(s): only {self.n_rows} row(s) are in memory")
         M_new, cov_new = _update(self.M, self.cov, W, Z, alpha)
         precision = moment = None
         if self.precision is not None:
@@ -497,7 +497,8 @@ class MemoryState:
             precision=precision,
             moment=moment,
             n_rows=self.n_rows + alpha * N,
-            n_episodes=self.n_episodes + alpha,
+            n_writes=self.n_writes + (alpha > 0),
+            n_forgets=self.n_forgets + (alpha < 0),
         )
 
     def write(self, Z: torch.Tensor, W: torch.Tensor | None = None) -> MemoryState:
@@ -508,8 +509,8 @@ class MemoryState:
     def forget(self, Z: torch.Tensor, W: torch.Tensor | None = None) -> MemoryState:
         """Remove a previously written episode ``Z (…, N, C)`` (α = -1). With fixed addressing the
         recomputed ``W`` equals the one used at write time; with ``"current"`` addressing pass the
-        original ``W``. Raises :class:`ForgetError` if more rows/episodes would be forgotten than
-        written, or if ``I - W Cov W^T`` is not positive definite (see the module docstring)."""
+        original ``W``. The rows may come from one or several written episodes. Raises
+        :class:`ForgetError` if more rows would be forgotten than are in memory, or if ``I - W Cov W^T`` is not positive definite (see the module docstring)."""
         return self._apply(Z, W, -1)
 
     # ---------------------------------------------------------------- maintenance
