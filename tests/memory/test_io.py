@@ -47,9 +47,14 @@ def test_round_trip_is_exact(tmp_path, dtype, batch_size, track):
     t = MemoryState.load(path)
     _assert_same(s, t)
     assert t.n_rows == 3 and t.n_writes == 2 and t.n_forgets == 1
-    # the loaded state keeps working identically
+    # the loaded state keeps working identically (the tracked sums fold the un-saved row log in a
+    # different order, so those agree to rounding only)
     z = torch.ones((1, 5) if batch_size is None else (2, 1, 5), dtype=dtype)
-    _assert_same(s.write(z), t.write(z))
+    s2, t2 = s.write(z), t.write(z)
+    assert torch.equal(s2.M, t2.M) and torch.equal(s2.cov, t2.cov)
+    if track:
+        torch.testing.assert_close(s2.precision, t2.precision)
+        torch.testing.assert_close(s2.moment, t2.moment)
     # metadata
     from safetensors import safe_open
 

@@ -17,6 +17,7 @@ from larimar.memory import (
     sequential_forget,
     sequential_write,
 )
+from larimar.memory.sequential import FOLD_ROWS
 
 F64 = torch.float64
 
@@ -158,6 +159,29 @@ def test_float32_sequential_is_close_to_float64_closed_form():
     assert st32.drift() < 1e-3
     refreshed = st32.refresh()
     assert _rel(refreshed.M.double(), M_cf) < 1e-4
+
+
+def test_tracked_precision_and_moment_are_exact_sums():
+    K, C, lam = 16, 8, 0.5
+    M_prior = _rand((K, C), seed=3)
+    state = _state(K, C, lam=lam, M_prior=M_prior)
+    eps = _episodes(90, C, seed=4)  # 157 rows: several folds of the row log happen on the way
+    for Z in eps:
+        state = state.write(Z)
+    for Z in eps[:10]:
+        state = state.forget(Z)
+    keep = eps[10:]
+    W = torch.cat([state.address(z) for z in keep])
+    Z = torch.cat(keep)
+    assert sum(w.shape[0] for w, _, _ in state.pending) < FOLD_ROWS
+    torch.testing.assert_close(state.precision, lam * torch.eye(K, dtype=F64) + W.mT @ W, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(state.moment, lam * M_prior + W.mT @ Z, rtol=1e-12, atol=1e-12)
+    # the logged rows are private copies: modifying the caller's tensor later changes nothing
+    z = _rand((1, C), seed=5)
+    s2 = state.write(z)
+    before = s2.moment.clone()
+    z.mul_(100.0)
+    assert torch.equal(s2.moment, before)
 
 
 def test_refresh_and_drift():

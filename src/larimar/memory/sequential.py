@@ -25,10 +25,13 @@ float64). ``α = -1`` with the same ``(W, Z)`` removes an episode exactly; with 
 
 Drift and ``refresh()``. Long runs of rank-1 updates/downdates accumulate rounding error in
 ``Cov`` and ``M``. With ``track_precision=True`` (default) the state also keeps the exact
-additive sufficient statistics ``A = λI + Σ α W^T W`` and ``B = λ M_prior + Σ α W^T Z`` (two
-more rank-N updates per operation, no solves). :meth:`MemoryState.drift` measures how far
-``Cov``/``M`` are from ``A^{-1}``/``A^{-1} B`` and :meth:`MemoryState.refresh` recomputes them
-exactly in ``O(K³ + K² C)``.
+additive sufficient statistics ``A = λI + Σ α W^T W`` and ``B = λ M_prior + Σ α W^T Z`` (no
+solves, only sums). To keep single-fact writes cheap, the rows written since the last fold are
+kept in a small log (``pending``) and added to ``A``/``B`` with one matrix product every
+``FOLD_ROWS`` rows (amortised ``O(K²)`` flops per row, but no extra ``K x K`` buffer per write).
+:attr:`MemoryState.precision` / :attr:`MemoryState.moment` always include the log.
+:meth:`MemoryState.drift` measures how far ``Cov``/``M`` are from ``A^{-1}``/``A^{-1} B`` and
+:meth:`MemoryState.refresh` recomputes them exactly in ``O(K³ + K² C)``.
 
 What forgetting can detect. The state counts the rows in memory; forgetting more rows than are
 in memory raises :class:`ForgetError`. An episode that *is* in memory always satisfies
@@ -261,6 +264,25 @@ def closed_form_memory(
 # --------------------------------------------------------------------------------------------
 
 
+#: Rows logged before they are folded into the tracked precision/moment with one matrix product.
+FOLD_ROWS = 64
+
+
+def _fold(
+    A: torch.Tensor, B: torch.Tensor, pending: tuple[tuple[torch.Tensor, torch.Tensor, int], ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A + Σ α W^T W, B + Σ α W^T Z)`` over the logged rows, as new tensors (one GEMM each)."""
+    if not pending:
+        return A, B
+    W = torch.cat([w for w, _, _ in pending], dim=-2)  # (…, L, K)
+    Z = torch.cat([z for _, z, _ in pending], dim=-2)  # (…, L, C)
+    signs = torch.cat(
+        [torch.full((w.shape[-2],), float(a), dtype=W.dtype, device=W.device) for w, _, a in pending]
+    )
+    Ws = (W * signs.unsqueeze(-1)).mT  # (…, K, L)
+    return A + Ws @ W, B + Ws @ Z
+
+
 def _eye_like(cov_shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     K = cov_shape[-1]
     return torch.eye(K, dtype=dtype, device=device).expand(*cov_shape).clone()
@@ -283,8 +305,10 @@ class MemoryState:
         addressing: ``"reference"``, ``"current"`` or ``"gaussian"``.
         gaussian_alpha: bandwidth ``α`` of Gaussian addressing.
         pinv_method: pseudo-inverse method for ``"current"`` addressing (and ``M_ref^†``).
-        precision: exact ``A = λI + Σ α W^T W`` ``(…, K, K)`` or ``None`` (not tracked).
-        moment: exact ``B = λ M_prior + Σ α W^T Z`` ``(…, K, C)`` or ``None``.
+        precision_base: ``λI + Σ α W^T W`` over the rows folded so far ``(…, K, K)``, or
+            ``None`` when the precision is not tracked. Use :attr:`precision` for the exact ``A``.
+        moment_base: ``λ M_prior + Σ α W^T Z`` over the folded rows ``(…, K, C)`` or ``None``.
+        pending: rows not yet folded into the bases, as ``(W, Z, α)`` tuples (private copies).
         n_rows: rows currently in memory (rows written minus rows forgotten); forgetting more
             rows than this raises :class:`ForgetError`.
         n_writes: number of successful ``write`` calls (episodes written, monotone).
@@ -302,8 +326,9 @@ class MemoryState:
     addressing: str = "reference"
     gaussian_alpha: float = 1.0
     pinv_method: str = "svd"
-    precision: torch.Tensor | None = None
-    moment: torch.Tensor | None = None
+    precision_base: torch.Tensor | None = None
+    moment_base: torch.Tensor | None = None
+    pending: tuple[tuple[torch.Tensor, torch.Tensor, int], ...] = ()
     n_rows: int = 0
     n_writes: int = 0
     n_forgets: int = 0
@@ -319,19 +344,21 @@ class MemoryState:
             "M_ref": (*batch, K, C),
             "M_ref_pinv": (*batch, C, K),
             "M_prior": (*batch, K, C),
-            "precision": (*batch, K, K),
-            "moment": (*batch, K, C),
+            "precision_base": (*batch, K, K),
+            "moment_base": (*batch, K, C),
         }
         for name, shape in expected.items():
             t = getattr(self, name)
-            if t is None and name in ("precision", "moment"):
+            if t is None and name in ("precision_base", "moment_base"):
                 continue
             check_tensor(t, name, ndims=(M.ndim,))
             check_same_kind(t, name, M, "M")
             if tuple(t.shape) != shape:
                 raise MemoryInputError(f"{name} must have shape {shape} (K={K}, C={C}), got {tuple(t.shape)}")
-        if (self.precision is None) != (self.moment is None):
-            raise MemoryInputError("precision and moment must both be tracked or both be None")
+        if (self.precision_base is None) != (self.moment_base is None):
+            raise MemoryInputError("precision_base and moment_base must both be tracked or both be None")
+        if not isinstance(self.pending, tuple) or (self.pending and self.precision_base is None):
+            raise MemoryInputError("pending must be a tuple, and empty when the precision is not tracked")
         check_positive(self.lam, "lam")
         check_positive(self.gaussian_alpha, "gaussian_alpha")
         check_choice(self.addressing, "addressing mode", ADDRESSING_MODES)
@@ -402,8 +429,8 @@ class MemoryState:
             addressing=addressing,
             gaussian_alpha=float(check_positive(gaussian_alpha, "gaussian_alpha")),
             pinv_method=pinv_method,
-            precision=eye * lam if track_precision else None,
-            moment=M_prior * lam if track_precision else None,
+            precision_base=eye * lam if track_precision else None,
+            moment_base=M_prior * lam if track_precision else None,
         )
 
     def __repr__(self) -> str:
@@ -441,7 +468,17 @@ class MemoryState:
 
     @property
     def track_precision(self) -> bool:
-        return self.precision is not None
+        return self.precision_base is not None
+
+    @property
+    def precision(self) -> torch.Tensor | None:
+        """Exact precision ``A = λI + Σ α W^T W`` ``(…, K, K)`` (``None`` if not tracked)."""
+        return None if self.precision_base is None else _fold(self.precision_base, self.moment_base, self.pending)[0]
+
+    @property
+    def moment(self) -> torch.Tensor | None:
+        """Exact ``B = λ M_prior + Σ α W^T Z`` ``(…, K, C)`` so that ``M = A^{-1} B`` (``None`` if not tracked)."""
+        return None if self.moment_base is None else _fold(self.precision_base, self.moment_base, self.pending)[1]
 
     # ---------------------------------------------------------------- addressing / reading
     def address(self, Z: torch.Tensor) -> torch.Tensor:
@@ -470,6 +507,7 @@ class MemoryState:
     # ---------------------------------------------------------------- write / forget
     def _apply(self, Z: torch.Tensor, W: torch.Tensor | None, alpha: int) -> MemoryState:
         W = _check_episode(Z, W, self.M, self.cov)
+        W_given = W is not None
         if W is None:
             W = self._address(Z)
             check_finite(W, "W (computed by addressing)")
@@ -477,25 +515,20 @@ class MemoryState:
         if alpha < 0 and N > self.n_rows:
             raise ForgetError(f"cannot forget {N} row(s): only {self.n_rows} row(s) are in memory")
         M_new, cov_new = _update(self.M, self.cov, W, Z, alpha)
-        precision = moment = None
-        if self.precision is not None:
-            if N == 1 and self.M.ndim == 2:
-                precision = torch.addr(self.precision, W[0], W[0], alpha=alpha)
-                moment = torch.addr(self.moment, W[0], Z[0], alpha=alpha)
-            else:
-                Wt = W.mT
-                precision = torch.baddbmm(self.precision, Wt, W, alpha=alpha) if W.ndim == 3 else torch.addmm(
-                    self.precision, Wt, W, alpha=alpha
-                )
-                moment = torch.baddbmm(self.moment, Wt, Z, alpha=alpha) if W.ndim == 3 else torch.addmm(
-                    self.moment, Wt, Z, alpha=alpha
-                )
+        precision, moment, pending = self.precision_base, self.moment_base, self.pending
+        if precision is not None:
+            # private copies: the caller may later modify its Z / W in place
+            pending = pending + ((W.clone() if W_given else W, Z.clone(), alpha),)
+            if sum(p[0].shape[-2] for p in pending) >= FOLD_ROWS:
+                precision, moment = _fold(precision, moment, pending)
+                pending = ()
         return dataclasses.replace(
             self,
             M=M_new,
             cov=cov_new,
-            precision=precision,
-            moment=moment,
+            precision_base=precision,
+            moment_base=moment,
+            pending=pending,
             n_rows=self.n_rows + alpha * N,
             n_writes=self.n_writes + (alpha > 0),
             n_forgets=self.n_forgets + (alpha < 0),
@@ -521,24 +554,32 @@ class MemoryState:
         columns ``X`` — ``O(K² (probes + C))``. Requires ``track_precision``.
         """
         self._need_precision("drift")
+        A, B = _fold(self.precision_base, self.moment_base, self.pending)
         X = torch.randn((*self.cov.shape[:-1], probes), generator=generator, dtype=self.dtype, device=self.device)
-        e_cov = torch.linalg.norm(self.precision @ (self.cov @ X) - X) / torch.linalg.norm(X)
-        denom = torch.linalg.norm(self.moment).clamp_min(torch.finfo(self.dtype).tiny)
-        e_m = torch.linalg.norm(self.precision @ self.M - self.moment) / denom
+        e_cov = torch.linalg.norm(A @ (self.cov @ X) - X) / torch.linalg.norm(X)
+        denom = torch.linalg.norm(B).clamp_min(torch.finfo(self.dtype).tiny)
+        e_m = torch.linalg.norm(A @ self.M - B) / denom
         return float(torch.maximum(e_cov, e_m))
 
     def refresh(self) -> MemoryState:
         """Recompute ``Cov = A^{-1}`` and ``M = A^{-1} B`` exactly from the tracked precision
         (Cholesky, ``O(K³ + K² C)``) to remove accumulated rounding drift."""
         self._need_precision("refresh")
-        A = 0.5 * (self.precision + self.precision.mT)
-        L, info = torch.linalg.cholesky_ex(A)
+        A, B = _fold(self.precision_base, self.moment_base, self.pending)
+        L, info = torch.linalg.cholesky_ex(0.5 * (A + A.mT))
         if bool((info > 0).any()):
             raise MemoryNumericalError("tracked precision is not positive definite; cannot refresh")
-        return dataclasses.replace(self, cov=torch.cholesky_inverse(L), M=torch.cholesky_solve(self.moment, L))
+        return dataclasses.replace(
+            self,
+            cov=torch.cholesky_inverse(L),
+            M=torch.cholesky_solve(B, L),
+            precision_base=A,
+            moment_base=B,
+            pending=(),
+        )
 
     def _need_precision(self, what: str) -> None:
-        if self.precision is None:
+        if self.precision_base is None:
             raise MemoryInputError(f"{what}() needs a state created with track_precision=True")
 
     # ---------------------------------------------------------------- conversion / persistence
@@ -557,8 +598,9 @@ class MemoryState:
             M_ref=conv(self.M_ref),
             M_ref_pinv=conv(self.M_ref_pinv),
             M_prior=conv(self.M_prior),
-            precision=conv(self.precision),
-            moment=conv(self.moment),
+            precision_base=conv(self.precision_base),
+            moment_base=conv(self.moment_base),
+            pending=tuple((conv(w), conv(z), a) for w, z, a in self.pending),
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:
