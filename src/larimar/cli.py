@@ -16,6 +16,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("larimar.chat", "interactive loop: add, forget and ask"),
     "bench": ("larimar.bench", "speed benchmarks (memory engine, model)"),
     "train": ("larimar.training.cli", "train the memory-decoder adapter (Lightning)"),
+    "scope": ("larimar.eval.scope_eval", "scope detector EER / F1 on CounterFact"),
 }
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
         "max_tokens": 64,
         "context_weight": 0.3,
         "val_episodes": 16,
+        "val_fraction": 0.05,
         "seed": 0,
     },
     "optim": {"lr": 1e-3, "base_lr": 1e-4, "encoder_lr": 2e-5, "weight_decay": 0.0, "warmup_steps": 50},
@@ -99,15 +101,27 @@ class LarimarDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         c = self.cfg
-        kw = dict(pararel_root=c.get("pararel_root"), fact_fraction=c["fact_fraction"], seed=c["seed"], exclude_eval_from=c.get("exclude_eval_from"))
+        kw = dict(
+            pararel_root=c.get("pararel_root"),
+            fact_fraction=c["fact_fraction"],
+            seed=c["seed"],
+            exclude_eval_from=c.get("exclude_eval_from"),
+            val_fraction=c["val_fraction"],
+        )
         self.train_sampler = EpisodeSampler(c["text_root"], split="train", **kw)
-        self.val_sampler = EpisodeSampler(c["text_root"], split="val", **kw)
+        try:
+            self.val_sampler = EpisodeSampler(c["text_root"], split="val", **kw)
+        except ValueError:
+            warnings.warn("no validation documents in this corpus: validation is skipped", stacklevel=2)
+            self.val_sampler = None
 
     def train_dataloader(self):
         ds = EpisodeStream(self.train_sampler, self.cfg["episode_size"], self.cfg["n_lm"])
         return DataLoader(ds, batch_size=1, collate_fn=_identity)
 
     def val_dataloader(self):
+        if self.val_sampler is None:
+            return []
         ds = EpisodeStream(self.val_sampler, self.cfg["episode_size"], self.cfg["n_lm"], n_episodes=self.cfg["val_episodes"], seed=1234)
         return DataLoader(ds, batch_size=1, collate_fn=_identity)
 
@@ -141,7 +155,7 @@ def memory_readout(Z: torch.Tensor, Q: torch.Tensor, M0: torch.Tensor, lam: floa
 
     Returns (z_r (E, C) before read noise is added: use `w_q`, w_q (E, K), M (K, C)) as (w_q, M).
     """
-    M0_pinv = pinv(M0.float())  # (C, K)
+    M0_pinv = pinv(M0.to(Z.dtype))  # (C, K)
     W = Z @ M0_pinv  # (E, K)
     Wq = Q @ M0_pinv  # (E, K)
     E = W.shape[0]
@@ -151,12 +165,15 @@ def memory_readout(Z: torch.Tensor, Q: torch.Tensor, M0: torch.Tensor, lam: floa
 
 
 class LarimarLightning(L.LightningModule):
-    def __init__(self, model_config: dict[str, Any], train_config: dict[str, Any]):
+    def __init__(self, model_config: dict[str, Any], train_config: dict[str, Any], model=None):
+        """`model`: an already built Larimar (tests, notebooks); default: built from `model_config`."""
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["model"])
         self.model_config = LarimarConfig.from_dict(model_config)
         self.train_cfg = merge(TRAIN_DEFAULTS, train_config)
-        self.model = None
+        self.model = model
+        if model is not None:
+            self._freeze_encoder_if_needed()
         self.strict_loading = False  # checkpoints hold the adapter only, not the frozen base models
 
     def configure_model(self) -> None:
@@ -166,6 +183,9 @@ class LarimarLightning(L.LightningModule):
 
         cfg = self.model_config.replace(extra={**self.model_config.extra, "train_encoder": self.train_cfg["train_encoder"]})
         self.model = Larimar.from_config(cfg)
+        self._freeze_encoder_if_needed()
+
+    def _freeze_encoder_if_needed(self) -> None:
         if not self.train_cfg["train_encoder"]:
             for p in self.model.encoder.model.parameters():
                 p.requires_grad_(False)
