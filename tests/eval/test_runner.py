@@ -300,19 +300,39 @@ def test_zsre_metric_values_from_token_flags(tmp_path, zsre_path):
     assert summary["neighborhood"] == pytest.approx(100.0)
 
 
+class NoStatsEditor:
+    """An editor without token_stats: a context before every prompt, scores shifted by ``shift``."""
+
+    name = "nostats"
+
+    def __init__(self, model, tokenizer, ctx="", shift=0.0):
+        self.model, self.tokenizer, self.ctx, self.shift = model, tokenizer, ctx, shift
+
+    def context(self):
+        return self.ctx
+
+    def score(self, prompts, candidates):
+        from larimar.eval.scoring import continuation_nll
+
+        flat_p = [self.ctx + p for p, cs in zip(prompts, candidates) for _ in cs]
+        flat_c = [" " + c for cs in candidates for c in cs]
+        nll = continuation_nll(self.model, self.tokenizer, flat_p, flat_c) + self.shift
+        return nll.view(len(prompts), -1)
+
+
 def test_token_stats_fallback_uses_model_and_checks_scores(base):
     model, tok = base
-    editor = UneditedEditor(model, tok)
-    stats = editor_token_stats(editor, ["The capital of France is", "Apple was"], ["Paris", "founded"])
-    nll = editor.score(["The capital of France is", "Apple was"], [["Paris"], ["founded"]])[:, 0]
+    prompts, targets = ["The capital of France is", "Apple was"], ["Paris", "founded"]
+    editor = NoStatsEditor(model, tok, ctx="Rome is big.\n")
+    stats = editor_token_stats(editor, prompts, targets)
+    nll = editor.score(prompts, [[t] for t in targets])[:, 0]
     assert torch.allclose(torch.tensor([s.nll for s in stats]), nll, atol=1e-5)
-
-    class Shifted(UneditedEditor):  # scores that the plain model cannot reproduce
-        def _nll(self, prompts, continuations):
-            return super()._nll(prompts, continuations) + 1.0
-
+    plain = editor_token_stats(NoStatsEditor(model, tok), prompts, targets)
+    assert not torch.allclose(torch.tensor([s.nll for s in plain]), nll)  # the context was used
     with pytest.raises(TokenStatsMismatchError, match="token_stats"):
-        editor_token_stats(Shifted(model, tok), ["Apple was"], ["founded"])
+        editor_token_stats(NoStatsEditor(model, tok, shift=1.0), ["Apple was"], ["founded"])
+    with pytest.raises(TypeError, match="token_stats"):
+        editor_token_stats(FakeEditor({}), ["Apple was"], ["founded"])
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -358,6 +378,9 @@ def test_cli_end_to_end_larimar_and_unedited(tmp_path, cf_path, capsys):
     assert conf["hparams"] == {"scope_detector": False}
     assert conf["model"]["path"] == model_dir and conf["data"] == str(cf_path.resolve())
     assert "| larimar | 2 |" in capsys.readouterr().out
+    rec = json.loads(case_file(out, 100).read_text())
+    assert rec["memory_used"] == {"rewrite": [True], "paraphrase": [True, True], "neighborhood": [True] * 3}
+    assert "Answered from memory: rewrite 100%, paraphrase 100%, neighborhood 100%." in (out / "summary.md").read_text()
     # a different variant into the same directory is refused with a clear message
     assert eval_cli(["counterfact", "--method", "larimar", "--out", str(out), "--set", "n_rephrases=1", *common]) == 2
     assert "different run configuration" in capsys.readouterr().err

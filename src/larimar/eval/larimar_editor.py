@@ -245,6 +245,14 @@ class LarimarEditor:
                 out[i] = s
         return out
 
+    def memory_routing(self, prompts: Sequence[str]) -> list[bool]:
+        """Whether each prompt is answered from memory right now (scope detector / mode), for reports."""
+        prompts = list(prompts)
+        if not prompts:
+            return []
+        mask, _ = self.model.route(prompts, self.use_memory())
+        return [bool(x) for x in mask.tolist()]
+
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 20) -> list[str]:
         """Greedy continuation of each prompt (new text only)."""
         prompts = list(prompts)

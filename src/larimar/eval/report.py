@@ -46,7 +46,7 @@ def _seconds(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     v = float(value)
-    return f"{v:.3g}"
+    return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -82,15 +82,16 @@ def _header(task: str) -> list[str]:
     return head + ["s / edit"]
 
 
-def summary_markdown(task: str, summary: Mapping[str, Any]) -> str:
-    """A Markdown table of one run's summary, with a one-line legend."""
+def summary_markdown(task: str, summary: Mapping[str, Any], notes: Sequence[str] = ()) -> str:
+    """A Markdown table of one run's summary, with a one-line legend and optional note lines."""
     legend = (
         "CounterFact (ROME metrics, percent): S = % of prompts where the desired answer is more likely, "
         "M = mean probability difference."
         if task == "counterfact"
         else "ZsRE: teacher-forced token accuracy (percent)."
     )
-    return f"# {summary.get('method', '?')} on {task}\n\n{legend}\n\n" + _table(_header(task), [_row(task, summary)])
+    text = f"# {summary.get('method', '?')} on {task}\n\n{legend}\n\n" + _table(_header(task), [_row(task, summary)])
+    return text + "".join(f"\n{line}\n" for line in notes)
 
 
 def compare_markdown(summaries: Sequence[Mapping[str, Any]]) -> str:

@@ -314,12 +314,21 @@ def _apply_edit(editor: Any, case: EditCase, written: list[str]) -> float:
     return time.perf_counter() - t0
 
 
+def _routing(editor: Any, families: Mapping[str, list[str]]) -> dict[str, list[bool]] | None:
+    """Per family, whether each prompt was answered from memory (editors with ``memory_routing``)."""
+    fn = getattr(editor, "memory_routing", None)
+    if not callable(fn):
+        return None
+    return {name: [bool(x) for x in fn(prompts)] for name, prompts in families.items()}
+
+
 def evaluate_counterfact_case(editor: Any, case: EditCase) -> dict[str, Any]:
     """Reset, edit and score one CounterFact case; returns the case record (JSON-ready).
 
     The record holds ``metrics`` (:func:`counterfact_case_metrics`: fractions, not percent), the
     mean NLLs ``nll`` (``{"rewrite"|"paraphrase"|"neighborhood": [[nll_new, nll_true], ...]}``),
-    ``edit_seconds`` and ``score_seconds``.
+    ``edit_seconds``, ``score_seconds`` and, for editors with ``memory_routing(prompts)`` (Larimar),
+    ``memory_used``: per family, whether each prompt was answered from memory.
     """
     if case.target_true is None:
         raise ValueError(f"case {case.case_id!r} has no target_true; CounterFact metrics need one")
@@ -335,7 +344,8 @@ def evaluate_counterfact_case(editor: Any, case: EditCase) -> dict[str, Any]:
     p = len(queried)
     rew, para, neigh = nll[:1], nll[1 : 1 + p], nll[1 + p :]
     metrics = counterfact_case_metrics(rew[:, 0], rew[:, 1], para[:, 0], para[:, 1], neigh[:, 0], neigh[:, 1])
-    return {
+    routing = _routing(editor, {"rewrite": [case.prompt], "paraphrase": queried, "neighborhood": neighbours})
+    record = {
         "case_id": case.case_id,
         "prompt": case.prompt,
         "subject": case.subject,
@@ -349,6 +359,9 @@ def evaluate_counterfact_case(editor: Any, case: EditCase) -> dict[str, Any]:
         "edit_seconds": seconds,
         "score_seconds": score_seconds,
     }
+    if routing is not None:
+        record["memory_used"] = routing
+    return record
 
 
 def evaluate_zsre_case(editor: Any, case: EditCase) -> dict[str, Any]:
@@ -371,7 +384,10 @@ def evaluate_zsre_case(editor: Any, case: EditCase) -> dict[str, Any]:
     p = len(queried)
     fam = {"rewrite": flags[:1], "paraphrase": flags[1 : 1 + p], "neighborhood": flags[1 + p :]}
     metrics = zsre_case_metrics(fam["rewrite"], fam["paraphrase"], fam["neighborhood"])
-    return {
+    routing = _routing(
+        editor, {"rewrite": [case.prompt], "paraphrase": queried, "neighborhood": [p for p, _ in neigh]}
+    )
+    record = {
         "case_id": case.case_id,
         "prompt": case.prompt,
         "target_new": case.target_new,
@@ -384,6 +400,9 @@ def evaluate_zsre_case(editor: Any, case: EditCase) -> dict[str, Any]:
         "edit_seconds": seconds,
         "score_seconds": score_seconds,
     }
+    if routing is not None:
+        record["memory_used"] = routing
+    return record
 
 
 def evaluate_case(task: str, editor: Any, case: EditCase) -> dict[str, Any]:
@@ -442,6 +461,17 @@ def summarize(task: str, method: str, records: Sequence[Mapping[str, Any]]) -> d
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
+
+
+def memory_fractions(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Fraction of prompts per family answered from memory, over records that have ``memory_used``."""
+    counts: dict[str, list[int]] = {}
+    for r in records:
+        for fam, flags in (r.get("memory_used") or {}).items():
+            c = counts.setdefault(fam, [0, 0])
+            c[0] += sum(bool(f) for f in flags)
+            c[1] += len(flags)
+    return {fam: (a / b if b else math.nan) for fam, (a, b) in counts.items()}
 
 
 def _load_done(path: Path, case: EditCase) -> dict[str, Any] | None:
@@ -530,6 +560,12 @@ def run_cases(
         log.warning("editor.reset() failed after the run", exc_info=True)
     summary = summarize(task, method, records)
     atomic_write_json(out / "summary.json", summary)
-    atomic_write_text(out / "summary.md", summary_markdown(task, summary))
+    notes = []
+    routed = memory_fractions(records)
+    if routed:
+        notes.append(
+            "Answered from memory: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in routed.items() if v == v) + "."
+        )
+    atomic_write_text(out / "summary.md", summary_markdown(task, summary, notes=notes))
     log.info("%s: %d cases (%d computed, %d reused)", out, len(records), computed, len(records) - computed)
     return summary
