@@ -1,0 +1,64 @@
+"""Real default models (MiniLM-L6 + SmolLM2-135M from their wheels). Run with `make test-models`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    from larimar.modeling.model import Larimar
+
+    return Larimar.from_pretrained()
+
+
+def test_default_models_load_offline(model):
+    assert type(model.decoder).__name__ == "LlamaForCausalLM"
+    assert model.kv_shape.n_layers == 30 and model.kv_shape.n_kv_heads == 3 and model.kv_shape.head_dim == 64
+    assert model.encoder.model.config.hidden_size == 384
+
+
+def test_cached_decoder_loads_fast():
+    import time
+
+    from larimar.modeling.loading import load_decoder
+
+    load_decoder()  # builds the cache if needed
+    t = time.perf_counter()
+    load_decoder()
+    assert time.perf_counter() - t < 5.0  # generous: the cached safetensors copy, not the GGUF
+
+
+def test_no_conditioning_equals_base(model):
+    ids, att = model._tokenize_prompts(["The capital of France is"], "right")
+    with torch.no_grad():
+        assert torch.equal(model.decoder(input_ids=ids, attention_mask=att).logits, model.runner.forward(ids, att, None).logits)
+
+
+def test_base_model_knows_paris(model):
+    out = model.generate(["The capital of France is"], max_new_tokens=3, use_memory="never")[0]
+    assert "Paris" in out
+
+
+def test_write_forget_restores_plain_answer(model):
+    model.reset_memory()
+    plain = model.generate(["The capital of France is"], max_new_tokens=4)
+    model.write(["The capital of France is Rome."])
+    assert model.generate(["The capital of France is"], max_new_tokens=4, return_details=True)[0].used_memory
+    model.forget(["The capital of France is Rome."])
+    assert model.generate(["The capital of France is"], max_new_tokens=4) == plain
+
+
+def test_shipped_adapter_matches_default_models():
+    from larimar.modeling.config import LarimarConfig
+    from larimar.modeling.model import default_adapter_dir
+
+    d = default_adapter_dir()
+    if not (d / "config.json").is_file():
+        pytest.skip("no adapter shipped in this checkout")
+    cfg = LarimarConfig.load(d / "config.json")
+    assert cfg.encoder is None and cfg.decoder is None and cfg.trained
+    assert (d / "adapter.safetensors").stat().st_size <= 40 * 2**20
