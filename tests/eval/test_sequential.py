@@ -1,0 +1,157 @@
+"""Sequential editing (Table 3) on a tiny Larimar: summary contract, resumability, shared helpers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from larimar.eval import sequential as seq
+from larimar.modeling.config import LarimarConfig
+from larimar.modeling.model import Larimar
+from larimar.testing import tiny_bert, tiny_bert_tokenizer, tiny_llama, tiny_tokenizer
+
+QUESTIONS = [
+    ("IAAF Combined Events Challenge", "When was the inception of IAAF Combined Events Challenge?", "2006", "1998"),
+    ("Danielle Darrieux", "What is the mother tongue of Danielle Darrieux?", "English", "French"),
+    ("Eibenstock", "Which country is Eibenstock located in?", "Canada", "Germany"),
+    ("Toko Yasuda", "What instrument does Toko Yasuda play?", "piano", "guitar"),
+    ("Apple", "Who founded Apple?", "Bill Gates", "Steve Jobs"),
+    ("Japan", "What is the official language of Japan?", "French", "Japanese"),
+    ("Michel Rocard", "What language does Michel Rocard speak?", "English", "French"),
+    ("Microsoft", "Who founded Microsoft?", "Steve Jobs", "Bill Gates"),
+]
+
+
+def tiny_larimar(**cfg) -> Larimar:
+    config = LarimarConfig(latent_size=16, memory_size=12, prefix_len=3, prefix_hidden=8, **cfg)
+    model = Larimar(config, tiny_bert(), tiny_bert_tokenizer(), tiny_llama(kv_heads=1), tiny_tokenizer(pad_token=True))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        model.kv_prefix.out.weight.copy_(torch.randn(model.kv_prefix.out.weight.shape, generator=g) * 0.5)
+        model.emb_offset.proj.weight.copy_(torch.randn(model.emb_offset.proj.weight.shape, generator=g) * 0.5)
+    return model.eval()
+
+
+def write_zsre(path, rows) -> str:
+    recs = [
+        {"subject": s, "src": q, "alt": a, "answers": [t], "rephrase": q.replace("?", " ?"), "loc": "nq question: who is x",
+         "loc_ans": "y", "pred": t}
+        for s, q, a, t in rows
+    ]
+    path.write_text(json.dumps(recs), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model() -> Larimar:
+    return tiny_larimar()
+
+
+def test_answer_helpers():
+    assert seq.first_answer(" Paris.\n\nThe answer is:") == "Paris"
+    assert seq.first_answer("\n  1998 and 2000") == "1998 and 2000"
+    assert seq.first_answer("U.S.A is big. yes") == "U.S.A is big"
+    assert seq.first_answer("   ") == ""
+    assert seq.contains_answer("It is in Paris, France.", "paris")
+    assert not seq.contains_answer("Parisian food", "Paris")
+    assert not seq.contains_answer("anything", "")
+    assert seq.stream_checkpoints(25, 10) == [10, 20, 25]
+    assert seq.stream_checkpoints(20, 10) == [10, 20]
+
+
+def test_load_sequential_cases_tops_up_from_extra(tmp_path):
+    a = write_zsre(tmp_path / "eval.json", QUESTIONS[:3] + [("X", "Who is X?", "", "y")])
+    b = write_zsre(tmp_path / "train.json", QUESTIONS[3:])
+    cases = seq.load_sequential_cases(a, b, 5)
+    assert [c.case_id for c in cases] == ["eval:0", "eval:1", "eval:2", "train:0", "train:1"]
+    assert len(seq.load_sequential_cases(a, None, 5)) == 3
+
+
+def _run(model, tmp_path, cases, **kw):
+    config = {"task": "sequential", "n": len(cases), "tag": kw.pop("tag", "a")}
+    opts = dict(
+        config=config, reference_prompts=[c.prompt for c in cases] + ["Who is Rome?", "What is Paris?"],
+        memory_size=8, eval_every=3, max_new_tokens=3, methods=("larimar", "grace"),
+        grace_hparams={"layer": 1, "n_iter": 2, "eps_init": 1.0}, progress=False, plot=True,
+    )
+    opts.update(kw)
+    return seq.run_sequential(model, cases, tmp_path / "out", **opts)
+
+
+def test_summary_contract_and_resume(model, tmp_path, monkeypatch):
+    from larimar.eval.data import load_cases
+
+    cases = load_cases(write_zsre(tmp_path / "z.json", QUESTIONS[:7]))
+    summary = _run(model, tmp_path, cases)
+    out = tmp_path / "out"
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert {"n", "err", "curve"} <= set(summary) and summary["n"] == 7 and summary["K"] == 8
+    assert [w for w, _ in summary["curve"]] == [3, 6, 7]
+    assert all(0.0 <= f <= 1.0 for _, f in summary["curve"])
+    assert summary["err"] == summary["curve"][-1][1]
+    g = summary["grace"]
+    assert {"n", "err", "curve"} <= set(g) and [w for w, _ in g["curve"]] == [3, 6, 7]
+    assert (out / "summary.md").read_text().count("|") > 10 and (out / "curve.png").stat().st_size > 0
+    prog = json.loads((out / "larimar" / "progress.json").read_text())
+    assert prog["written"] == 7 and (out / "larimar" / prog["snapshot"]).is_dir()
+    assert len(list((out / "larimar").glob("snapshot-*"))) == 1
+    assert len(prog["points"][-1]["predictions"]) == 7
+    # GRACE's hook is removed afterwards: the decoder is the plain one again
+    assert not model.decoder.model.layers[1].mlp.down_proj._forward_hooks
+
+    # a finished run is not recomputed
+    def boom(*a, **k):
+        raise AssertionError("should not write again")
+
+    monkeypatch.setattr(seq.LarimarStream, "write", boom)
+    monkeypatch.setattr(seq.GraceStream, "write", boom)
+    again = _run(model, tmp_path, cases)
+    assert again == summary
+
+
+def test_resume_mid_stream_matches_uninterrupted(model, tmp_path, monkeypatch):
+    from larimar.eval.data import load_cases
+
+    cases = load_cases(write_zsre(tmp_path / "z.json", QUESTIONS[:7]))
+    full = _run(model, tmp_path / "full", cases, methods=("larimar",))
+    calls = {"n": 0}
+    orig = seq.LarimarStream.write
+
+    def flaky(self, index):
+        calls["n"] += 1
+        if index == 4:
+            raise KeyboardInterrupt("simulated interruption")
+        return orig(self, index)
+
+    monkeypatch.setattr(seq.LarimarStream, "write", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        _run(model, tmp_path / "part", cases, methods=("larimar",))
+    prog = json.loads((tmp_path / "part" / "out" / "larimar" / "progress.json").read_text())
+    assert prog["written"] == 3
+    monkeypatch.setattr(seq.LarimarStream, "write", orig)
+    seen = []
+
+    def counting(self, index):
+        seen.append(index)
+        return orig(self, index)
+
+    monkeypatch.setattr(seq.LarimarStream, "write", counting)
+    resumed = _run(model, tmp_path / "part", cases, methods=("larimar",))
+    assert seen == [3, 4, 5, 6]  # only the writes after the last checkpoint
+    assert resumed["curve"] == full["curve"]
+    assert resumed["err"] == full["err"]
+
+
+def test_refuses_other_config(model, tmp_path):
+    from larimar.eval.data import load_cases
+    from larimar.eval.runner import ConfigMismatchError
+
+    cases = load_cases(write_zsre(tmp_path / "z.json", QUESTIONS[:3]))
+    _run(model, tmp_path, cases, methods=("larimar",), plot=False)
+    with pytest.raises(ConfigMismatchError):
+        _run(model, tmp_path, cases, methods=("larimar",), plot=False, tag="b")
+
