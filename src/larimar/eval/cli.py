@@ -9,6 +9,16 @@ Sub-commands::
     larimar eval timing      --out DIR [--methods larimar rome ...] [--n 10]
     larimar eval report      DIR [DIR ...]          (one table over several runs)
 
+The paper's other experiments (each: ``--data PATH --n N --out DIR``, resumable, summary.json +
+summary.md, a PNG where there is a curve; see the modules for the protocols and options)::
+
+    larimar eval sequential  Table 3: ZsRE facts written one by one, edit retention vs writes (+ GRACE)
+    larimar eval rephrase    Figs. 2b/5, Table 14: PARAREL phrasings, pseudo-inverse vs Gaussian addressing
+    larimar eval forget      Table 4: write N facts, forget one, recall of the forgotten / retained facts
+    larimar eval leakage     Table 5: paraphrase + sampling attacks after "unknown" edits (+ ROME)
+    larimar eval longctx     Table 6: facts in a hierarchy of chunk memories vs the whole context in the prompt
+    larimar eval robustness  Fig. 6: edit success and generation perplexity vs read-time noise sigma_W
+
 Every method runs on the same base model: the decoder of the Larimar model loaded from ``--model``
 (default: the adapter shipped with the package, else an untrained one). Larimar variants are chosen
 with ``--set``: ``scope_detector=false``, ``n_rephrases=2``, ``addressing=gaussian``,
@@ -18,6 +28,7 @@ with ``--set``: ``scope_detector=false``, ``n_rephrases=2``, ``addressing=gaussi
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -27,6 +38,17 @@ from typing import Any
 __all__ = ["add_arguments", "run"]
 
 log = logging.getLogger(__name__)
+
+#: experiment sub-commands living in their own modules: name -> (module, help). Each module has
+#: ``add_arguments(parser)`` and ``run(args) -> int`` and imports nothing heavy at import time.
+_EXPERIMENTS: dict[str, tuple[str, str]] = {
+    "sequential": ("larimar.eval.sequential", "Table 3: sequential ZsRE edits, edit retention vs writes (+ GRACE)"),
+    "rephrase": ("larimar.eval.rephrase", "Figs. 2b/5: PARAREL phrasings, pseudo-inverse vs Gaussian addressing"),
+    "forget": ("larimar.eval.forget", "Table 4: selective forgetting of one of N written facts"),
+    "leakage": ("larimar.eval.leakage", "Table 5: information leakage after 'unknown' edits (+ ROME)"),
+    "longctx": ("larimar.eval.longctx", "Table 6: long input context through hierarchical memory read"),
+    "robustness": ("larimar.eval.robustness", "Fig. 6: edit success and perplexity vs read noise sigma_W"),
+}
 
 _DEFAULT_DATA = {"counterfact": "counterfact-rome", "zsre": "zsre-eval", "batch": "counterfact-edit", "timing": "counterfact-rome"}
 
@@ -58,7 +80,7 @@ def _common(p: argparse.ArgumentParser, *, method_default: str | None = "larimar
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the ``counterfact``, ``zsre``, ``batch``, ``timing`` and ``report`` sub-commands."""
+    """Register the ``counterfact``, ``zsre``, ``batch``, ``timing``, ``report`` and experiment sub-commands."""
     sub = parser.add_subparsers(dest="eval_command", metavar="TASK")
     sub.required = True
     for task, help_text in (
@@ -80,6 +102,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", default=None, help="methods to time (default: all registered)")
     p.add_argument("--n", type=int, default=10, help="number of edits (default 10)")
     p.add_argument("--hparams-dir", default=None, help="directory with <method>.yaml hyper-parameter files")
+    for name, (module, help_text) in _EXPERIMENTS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        try:
+            importlib.import_module(module).add_arguments(p)
+        except ImportError as exc:  # one missing experiment must not break the other sub-commands
+            p.set_defaults(_unavailable=f"{module} cannot be imported ({exc})")
     p = sub.add_parser("report", help="one Markdown table over several runs' summary.json")
     p.add_argument("runs", nargs="+", help="run directories or summary.json files")
     p.add_argument("--out", default=None, help="write the table to this file as well")
@@ -298,6 +326,9 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``larimar eval``."""
     _setup_logging()
     command = args.eval_command
+    if getattr(args, "_unavailable", None):
+        print(f"larimar eval {command}: error: {args._unavailable}", file=sys.stderr)
+        return 2
     try:
         if command in ("counterfact", "zsre"):
             return _run_single(args, command)
@@ -307,6 +338,8 @@ def run(args: argparse.Namespace) -> int:
             return _run_timing(args)
         if command == "report":
             return _run_report(args)
+        if command in _EXPERIMENTS:
+            return int(importlib.import_module(_EXPERIMENTS[command][0]).run(args) or 0)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         # ConfigMismatchError is a RuntimeError: caught below with the same treatment
         print(f"larimar eval {command}: error: {exc}", file=sys.stderr)

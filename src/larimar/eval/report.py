@@ -154,6 +154,9 @@ def plot_batch(summary: Mapping[str, Any], path: str | os.PathLike[str]) -> Path
     for r in results:
         by_k.setdefault(r.get("K"), []).append(r)
     families = (("edit_success", "Edit success (rewrite)"), ("paraphrase", "Paraphrase"), ("neighborhood", "Neighborhood"))
+    from matplotlib.ticker import NullFormatter, NullLocator
+
+    ticks = sorted({int(r["N"]) for r in results})
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharex=True)
     for ax, (key, title) in zip(axes, families):
         for k, rows in sorted(by_k.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
@@ -162,6 +165,10 @@ def plot_batch(summary: Mapping[str, Any], path: str | os.PathLike[str]) -> Path
             ys = [math.nan if (r.get(key) or {}).get("S") is None else float(r[key]["S"]) for r in rows]
             ax.plot(xs, ys, marker="o", label="no K" if k is None else f"K={k}")
         ax.set_xscale("log", base=2)
+        if ticks:
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_ylim(-2, 102)
         ax.set_title(title)
         ax.set_xlabel("facts written at once (N)")

@@ -37,8 +37,8 @@ import math
 import os
 import random
 import re
-import tempfile
 import time
+import uuid
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -95,12 +95,16 @@ class TokenStatsMismatchError(RuntimeError):
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
+    """Write ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``.
+
+    The temporary file is created with the usual permissions (umask applies), so the result is not
+    private to the user as a ``mkstemp`` file would be.
+    """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with open(tmp, "x", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
