@@ -31,13 +31,40 @@ def load_config(path: str | Path) -> tuple[dict, dict]:
     return data.get("model") or {}, data.get("train") or {}
 
 
+def _progress_callback(every: int):
+    """Plain one-line progress reports (readable in a log file, unlike a progress bar)."""
+    import time
+
+    import lightning as L
+
+    class LineProgress(L.Callback):
+        def __init__(self):
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            step = trainer.global_step
+            if step % every == 0 or step == trainer.max_steps:
+                m = {k.split("/", 1)[1]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+                keys = ("loss", "nll_mem", "nll_ae", "nll_lm", "acc_mem_fact_object", "kl", "beta")
+                parts = " ".join(f"{k}={m[k]:.3f}" for k in keys if k in m)
+                elapsed = time.perf_counter() - self.t0
+                print(f"step {step}/{trainer.max_steps} {elapsed / 60:.1f} min {parts}", flush=True)
+
+        def on_validation_end(self, trainer, module):
+            m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            if m:
+                print(f"validation at step {trainer.global_step}: " + " ".join(f"{k[4:]}={v:.3f}" for k, v in sorted(m.items())), flush=True)
+
+    return LineProgress()
+
+
 def build_trainer(train_cfg: dict, output: Path, *, fast_dev_run: bool = False):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
     t = train_cfg["trainer"]
-    callbacks = []
+    callbacks = [_progress_callback(t["log_every_n_steps"])]
     if not fast_dev_run:
         callbacks.append(
             ModelCheckpoint(dirpath=output / "checkpoints", save_last=True, every_n_train_steps=t["checkpoint_every_n_steps"], save_top_k=0)
@@ -52,7 +79,8 @@ def build_trainer(train_cfg: dict, output: Path, *, fast_dev_run: bool = False):
         check_val_every_n_epoch=None,
         log_every_n_steps=t["log_every_n_steps"],
         gradient_clip_val=t["gradient_clip_val"],
-        logger=CSVLogger(str(output), name="logs") if not fast_dev_run else False,
+        logger=CSVLogger(str(output), name="logs", flush_logs_every_n_steps=t["log_every_n_steps"]) if not fast_dev_run else False,
+        enable_progress_bar=False,
         callbacks=callbacks,
         fast_dev_run=fast_dev_run,
         enable_checkpointing=not fast_dev_run,
