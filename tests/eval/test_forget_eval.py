@@ -40,6 +40,7 @@ def cases() -> list[EditCase]:
 
 @pytest.fixture(scope="module")
 def model() -> Larimar:
+    torch.manual_seed(0)  # the encoder head's orthogonal init draws from the global generator
     return tiny_larimar()
 
 
@@ -82,7 +83,8 @@ def test_model_forget_equals_never_seen(model):
     u = model.facts.Z[-1:].clone()
     assert model.facts.state.dtype == torch.float64
     never = model.empty_memory().state.write(Z_all[[0, 1, 3, 4, 5]]).write(u)
-    torch.testing.assert_close(model.facts.state.M, never.M, rtol=1e-9, atol=1e-10)
+    scale = float(never.M.abs().max())
+    torch.testing.assert_close(model.facts.state.M, never.M, rtol=1e-7, atol=1e-8 * scale)
     assert model.facts.texts == [t for i, t in enumerate(texts) if i != 2] + ["Apple was founded by unknown."]
     model.reset_memory()
 

@@ -155,3 +155,12 @@ def test_refuses_other_config(model, tmp_path):
     with pytest.raises(ConfigMismatchError):
         _run(model, tmp_path, cases, methods=("larimar",), plot=False, tag="b")
 
+
+def test_cli_registration():
+    from larimar.eval import cli
+
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    for name in ("sequential", "rephrase", "forget", "leakage", "longctx", "robustness"):
+        args = p.parse_args([name, "--out", "x", "--n", "3"])
+        assert args.eval_command == name and args.n == 3 and args.out == "x"
