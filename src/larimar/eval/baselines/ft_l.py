@@ -51,10 +51,10 @@ class FTLHparams:
         score_batch_size: sequences per forward pass when scoring.
     """
 
-    layer: int = 2
-    lr: float = 5e-4
+    layer: int = 0
+    lr: float = 2e-3
     num_steps: int = 25
-    norm_constraint: float | None = 5e-4
+    norm_constraint: float | None = 2e-3
     early_stop_loss: float = 1e-2
     weight_decay: float = 0.0
     batch_size: int = 16

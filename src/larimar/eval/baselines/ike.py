@@ -19,13 +19,18 @@ giving three demonstrations with the same ``New Fact`` line:
 * **update** -- ``Prompt:`` a paraphrase (question form) of it, answered with the new object;
 * **retain** -- ``Prompt:`` the same relation for *another* subject, answered with its true object.
 
-The ``k`` demonstrations most similar to ``"New Fact: {prompt} {target_new}\\nPrompt: {prompt}"``
-are selected when the edit is made (as IKE / EasyEdit retrieve by the edit request), ordered from
-least to most similar (the most similar sits next to the query). Similarity is deterministic:
-Jaccard overlap of lower-cased word sets by default, or cosine similarity of ``embed_fn``
-embeddings when an ``embed_fn(list[str]) -> Tensor (n, d)`` is passed (IKE used a sentence
-encoder); ties are broken by pool order. Pool facts whose subject is the edit's subject are never
-used.
+Selection (when the edit is made, as IKE retrieves by the edit request): pool facts are ranked by
+the similarity of their ``"New Fact: {prompt} {target_new}"`` line to the edit's; the ``k`` most
+similar facts each give one demonstration, whose type follows a deterministic schedule with the
+proportions ``type_ratio`` (copy : update : retain; default 1 : 3 : 4, so ``k = 8`` gives 1 copy,
+3 update and 4 retain demonstrations). Ranking demonstrations of all types together by
+similarity instead would almost only pick *copy* demonstrations (they repeat the fact verbatim)
+and the model then copies the new object to neighbouring subjects as well. Demonstrations are
+ordered from least to most similar (the most similar sits next to the query). Similarity is
+deterministic: Jaccard overlap of lower-cased word sets by default, or cosine similarity of
+``embed_fn`` embeddings when an ``embed_fn(list[str]) -> Tensor (n, d)`` is passed (IKE used a
+sentence encoder); ties are broken by pool order. Pool facts whose subject is the edit's subject
+are never used.
 
 Built-in pool (``pool: templates``): for each relation of the shared data's
 ``templates/cloze_templates.json`` that has T-REx facts (``pararel/trex_lms_vocab``), up to
@@ -47,7 +52,7 @@ import random
 import re
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +61,17 @@ import torch
 from larimar.eval.baselines.common import check, hparams_from_dict
 from larimar.eval.editors import BaseEditor, EditRequest
 
-__all__ = ["DemoFact", "IKEEditor", "IKEHparams", "build_template_pool", "demonstrations_of", "jaccard"]
+__all__ = [
+    "DemoFact",
+    "IKEEditor",
+    "IKEHparams",
+    "build_template_pool",
+    "demonstrations_of",
+    "jaccard",
+    "type_schedule",
+]
+
+_TYPES = ("copy", "update", "retain")
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -90,6 +105,23 @@ def demonstrations_of(fact: DemoFact) -> list[tuple[str, str]]:
         ("update", f"{new_fact}Prompt: {fact.paraphrase} {fact.target_new}\n\n"),
         ("retain", f"{new_fact}Prompt: {fact.neighbor_prompt} {fact.neighbor_answer}\n\n"),
     ]
+
+
+def type_schedule(k: int, ratio: Sequence[float]) -> list[str]:
+    """Demonstration types for ``k`` slots in the proportions ``ratio`` (copy, update, retain).
+
+    Slot ``i`` gets the type furthest below its target count ``ratio_t / sum(ratio) * (i + 1)``
+    (ties: copy, update, retain), so every prefix of the schedule is as close to the mix as possible.
+    """
+    total = float(sum(ratio))
+    counts = [0, 0, 0]
+    out = []
+    for i in range(k):
+        deficits = [ratio[t] / total * (i + 1) - counts[t] for t in range(3)]
+        t = max(range(3), key=lambda j: (deficits[j], -j))
+        counts[t] += 1
+        out.append(_TYPES[t])
+    return out
 
 
 def jaccard(a: str, b: str) -> float:
@@ -181,6 +213,7 @@ class IKEHparams:
         pool_seed: seed of the built-in pool.
         data_dir: shared data directory for the built-in pool (default: auto-detected).
         n_facts: how many edits (most similar to the query) are written as ``New Fact:`` lines.
+        type_ratio: proportions of copy, update and retain demonstrations.
         score_batch_size: sequences per forward pass when scoring.
     """
 
@@ -190,6 +223,7 @@ class IKEHparams:
     pool_seed: int = 0
     data_dir: str | None = None
     n_facts: int = 1
+    type_ratio: list[float] = field(default_factory=lambda: [1.0, 3.0, 4.0])
     score_batch_size: int = 8
 
     def __post_init__(self) -> None:
@@ -198,6 +232,13 @@ class IKEHparams:
             val = getattr(self, name)
             check(isinstance(val, int) and not isinstance(val, bool) and val >= 1, m, f"{name} must be an int >= 1, got {val!r}")
         check(isinstance(self.pool, str) and bool(self.pool), m, f"pool must be 'templates' or a file path, got {self.pool!r}")
+        r = self.type_ratio
+        check(
+            isinstance(r, (list, tuple)) and len(r) == 3 and all(isinstance(x, (int, float)) and x >= 0 for x in r)
+            and sum(r) > 0,
+            m, f"type_ratio must be three non-negative numbers (copy, update, retain) with a positive sum, got {r!r}",
+        )
+        self.type_ratio = [float(x) for x in r]
 
 
 class IKEEditor(BaseEditor):
@@ -248,16 +289,11 @@ class IKEEditor(BaseEditor):
                 self._pool = _load_pool_file(path)
         return self._pool
 
-    def _demos(self) -> tuple[list[str], list[str]]:
+    def _fact_lines(self) -> list[str]:
         if self._demo_texts is None:
-            texts, subjects = [], []
-            for fact in self.pool():
-                for _, text in demonstrations_of(fact):
-                    texts.append(text)
-                    subjects.append(fact.subject.strip().lower())
-            self._demo_texts, self._demo_subjects = texts, subjects
-        assert self._demo_subjects is not None
-        return self._demo_texts, self._demo_subjects
+            self._demo_texts = [f"New Fact: {f.prompt} {f.target_new}" for f in self.pool()]
+            self._demo_subjects = [f.subject.strip().lower() for f in self.pool()]
+        return self._demo_texts
 
     def _similarities(self, query: str, texts: list[str], cache: bool) -> list[float]:
         if self.embed_fn is None:
@@ -273,15 +309,16 @@ class IKEEditor(BaseEditor):
 
     def select_demonstrations(self, request: EditRequest) -> list[str]:
         """The ``k`` demonstrations for ``request``, least similar first."""
-        texts, subjects = self._demos()
-        query = f"New Fact: {request.prompt} {request.target_new}\nPrompt: {request.prompt}"
-        sims = self._similarities(query, texts, cache=True)
+        lines = self._fact_lines()
+        subjects = self._demo_subjects or []
+        pool = self.pool()
+        sims = self._similarities(f"New Fact: {request.prompt} {request.target_new}", lines, cache=True)
         banned = request.subject.strip().lower()
-        order = sorted(
-            (i for i in range(len(texts)) if subjects[i] != banned),
-            key=lambda i: (-sims[i], i),
-        )[: self.hparams.k]
-        return [texts[i] for i in reversed(order)]
+        ranked = sorted((i for i in range(len(lines)) if subjects[i] != banned), key=lambda i: (-sims[i], i))
+        ranked = ranked[: self.hparams.k]
+        kinds = type_schedule(len(ranked), self.hparams.type_ratio)
+        demos = [dict(demonstrations_of(pool[i]))[kind] for i, kind in zip(ranked, kinds)]
+        return list(reversed(demos))
 
     # -- BaseEditor ------------------------------------------------------------------------------
     def _apply(self, requests: list[EditRequest]) -> None:

@@ -35,7 +35,8 @@ Notes on fidelity
   (guaranteeing ``W' k* = v*``). Set ``update_key: prompt`` for the code's variant.
 * ROME's context prefixes are sampled from the model (top-k 5) from the seeds "The", "Therefore",
   "Because", "I", "You"; here sampling uses a seeded ``torch.Generator``, so prefixes (and hence
-  edits) are deterministic.
+  edits) are deterministic, and a document-start token is put before the seed word when the
+  tokenizer adds none (see ``ROMEEditor._seed_ids``).
 * Edits of a batch are applied one after the other (as ROME does); sequential ``edit`` calls
   accumulate. The key statistics are those of the *unedited* lower layers (ROME edits do not change
   the keys of their own layer).
@@ -418,6 +419,28 @@ class ROMEEditor(BaseEditor):
         emb = self.model.get_input_embeddings().weight
         return float(emb.detach().double().sum())
 
+    def _seed_ids(self, word: str) -> list[int]:
+        """Token ids to start sampling a prefix from: the seed word at the start of a document.
+
+        When the tokenizer adds no BOS of its own, a document-separator token is put first
+        (``<|endoftext|>`` if the vocabulary has it, else the BOS, else the EOS token): without it
+        models such as SmolLM2 read a lone ``"The"`` as the middle of a text (their most likely
+        continuation is ``"-"``).
+        """
+        tok = self.tokenizer
+        with_special = list(tok(word, add_special_tokens=True)["input_ids"])
+        plain = list(tok(word, add_special_tokens=False)["input_ids"])
+        if with_special != plain:
+            return with_special
+        sep = None
+        vocab = tok.get_vocab() if hasattr(tok, "get_vocab") else {}
+        if "<|endoftext|>" in vocab:
+            sep = vocab["<|endoftext|>"]
+        for attr in ("bos_token_id", "eos_token_id"):
+            if sep is None and isinstance(getattr(tok, attr, None), int):
+                sep = getattr(tok, attr)
+        return ([sep] if sep is not None else []) + plain
+
     def _sample_prefixes(self) -> list[str]:
         hp = self.hparams
         model, tok = self.model, self.tokenizer
@@ -431,7 +454,7 @@ class ROMEEditor(BaseEditor):
             with torch.no_grad():
                 for length, n in hp.context_template_length_params:
                     for i in range(n):
-                        ids = list(tok(_CONTEXT_SEEDS[i % len(_CONTEXT_SEEDS)], add_special_tokens=True)["input_ids"])
+                        ids = self._seed_ids(_CONTEXT_SEEDS[i % len(_CONTEXT_SEEDS)])
                         n0 = len(ids)
                         for _ in range(length):
                             logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0, -1]
