@@ -143,3 +143,13 @@ def test_checkpoint_holds_adapter_only():
     ckpt = {"state_dict": {("model." + k): v for k, v in module.model.state_dict().items()}}
     module.on_save_checkpoint(ckpt)
     assert ckpt["state_dict"] and not any(k.startswith("model.decoder.") for k in ckpt["state_dict"])
+
+
+def test_memory_readout_survives_bf16_autocast_and_repeated_items():
+    torch.manual_seed(0)
+    z = torch.randn(1, 6)
+    Z = torch.cat([z, z, torch.randn(2, 6)])  # an item drawn twice in one episode
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        Wq, M = memory_readout(Z, Z, torch.randn(10, 6), 1e-3)
+    assert M.dtype == torch.float32 and torch.isfinite(M).all()
+    torch.testing.assert_close(Wq @ M, Z, atol=2e-2, rtol=2e-2)

@@ -151,16 +151,21 @@ def tokenize_items(tokenizer, items: list[Item], max_tokens: int, context_weight
 
 
 def memory_readout(Z: torch.Tensor, Q: torch.Tensor, M0: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable one-shot write of Z (E, C) with reference M0 (K, C) and read with Q (E, C).
+    """Differentiable one-shot write of Z (E, C) with reference M0 (K, C), and read addresses for Q (E, C).
 
-    Returns (z_r (E, C) before read noise is added: use `w_q`, w_q (E, K), M (K, C)) as (w_q, M).
+    Returns (w_q (E, K), M (K, C)); the read-out is z_r = (w_q + noise)·M. Runs in at least float32
+    with autocast off: in bf16 the ridge λ (1e-3) vanishes next to O(1) Gram entries and repeated items
+    make the system singular.
     """
-    M0_pinv = pinv(M0.to(Z.dtype))  # (C, K)
-    W = Z @ M0_pinv  # (E, K)
-    Wq = Q @ M0_pinv  # (E, K)
-    E = W.shape[0]
-    gram = W @ W.T + lam * torch.eye(E, dtype=W.dtype, device=W.device)  # (E, E)
-    M = W.T @ torch.linalg.solve(gram, Z)  # (K, C): ridge solution via the E x E dual
+    dtype = torch.promote_types(Z.dtype, torch.float32)
+    with torch.autocast(device_type=Z.device.type, enabled=False):
+        Z, Q = Z.to(dtype), Q.to(dtype)
+        M0_pinv = pinv(M0.to(dtype))  # (C, K)
+        W = Z @ M0_pinv  # (E, K)
+        Wq = Q @ M0_pinv  # (E, K)
+        E = W.shape[0]
+        gram = W @ W.T + lam * torch.eye(E, dtype=dtype, device=W.device)  # (E, E), SPD
+        M = W.T @ torch.cholesky_solve(Z, torch.linalg.cholesky(gram))  # (K, C): ridge solution via the E x E dual
     return Wq, M
 
 
@@ -203,7 +208,7 @@ class LarimarLightning(L.LightningModule):
         Wq, M = memory_readout(Z.float(), Q.float(), m.M0, self.model_config.ridge)
         log_sigma = m.log_sigma_w
         w = Wq + torch.exp(log_sigma) * torch.randn_like(Wq) if self.training else Wq
-        z_r = w @ M  # (E, C)
+        z_r = w @ M  # (E, C), float32
         z_all = torch.cat([z_r, Z[:n_ae], torch.zeros(len(lm_items), Z.shape[1], device=Z.device)])
         rows = list(items) + list(items[:n_ae]) + list(lm_items)
         tok = tokenize_items(m.tokenizer, rows, d["max_tokens"], d["context_weight"], Z.device)
