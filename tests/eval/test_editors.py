@@ -421,3 +421,29 @@ def test_ft_l_flips_respects_linf_and_resets(family):
     ed.reset()
     assert same_state(model, saved)
     assert not success(ed)
+
+
+def test_smoke_runs_on_rome_format_file(tmp_path, family):
+    from larimar.eval.editors import smoke
+
+    model, tok = family
+    rec = {
+        "case_id": 7,
+        "requested_rewrite": {
+            "prompt": "The mother tongue of {} is",
+            "subject": "Danielle Darrieux",
+            "target_new": {"str": "Japan"},
+            "target_true": {"str": "French"},
+        },
+        "paraphrase_prompts": ["Danielle Darrieux speaks"],
+        "neighborhood_prompts": ["The mother tongue of Victor Hugo is", "Albert Camus speaks"],
+    }
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps([rec, rec]))
+    out = smoke("ft_l", n=1, data=path, model=model, tokenizer=tok, verbose=False,
+                hparams={"layer": 1, "lr": 5e-3, "num_steps": 40, "norm_constraint": 0.05})
+    assert out["n"] == 1 and out["success"] == 1.0 and out["success_before"] == 0.0
+    assert out["cases"][0]["case_id"] == 7 and out["seconds_per_edit"] > 0
+    assert 0.0 <= out["neighborhood_success"] <= 1.0
+    base = smoke("unedited", n=2, data=path, model=model, tokenizer=tok, verbose=False)
+    assert base["n"] == 2 and base["success"] == 0.0
