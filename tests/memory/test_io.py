@@ -47,14 +47,12 @@ def test_round_trip_is_exact(tmp_path, dtype, batch_size, track):
     t = MemoryState.load(path)
     _assert_same(s, t)
     assert t.n_rows == 3 and t.n_writes == 2 and t.n_forgets == 1
-    # the loaded state keeps working identically (the tracked sums fold the un-saved row log in a
-    # different order, so those agree to rounding only)
+    # the loaded state keeps working the same (the file holds the materialised M / Cov, the
+    # original still carries its unfolded low-rank log, so they agree to rounding)
     z = torch.ones((1, 5) if batch_size is None else (2, 1, 5), dtype=dtype)
     s2, t2 = s.write(z), t.write(z)
-    assert torch.equal(s2.M, t2.M) and torch.equal(s2.cov, t2.cov)
-    if track:
-        torch.testing.assert_close(s2.precision, t2.precision)
-        torch.testing.assert_close(s2.moment, t2.moment)
+    for name in TENSORS if track else TENSORS[:5]:
+        torch.testing.assert_close(getattr(s2, name), getattr(t2, name))
     # metadata
     from safetensors import safe_open
 

@@ -173,7 +173,7 @@ def test_tracked_precision_and_moment_are_exact_sums():
     keep = eps[10:]
     W = torch.cat([state.address(z) for z in keep])
     Z = torch.cat(keep)
-    assert sum(w.shape[0] for w, _, _ in state.pending) < FOLD_ROWS
+    assert state.pending is None or state.pending.L < FOLD_ROWS
     torch.testing.assert_close(state.precision, lam * torch.eye(K, dtype=F64) + W.mT @ W, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(state.moment, lam * M_prior + W.mT @ Z, rtol=1e-12, atol=1e-12)
     # the logged rows are private copies: modifying the caller's tensor later changes nothing
@@ -191,7 +191,9 @@ def test_refresh_and_drift():
     fresh = state.refresh()
     assert _rel(fresh.M, state.M) < 1e-12 and _rel(fresh.cov, state.cov) < 1e-12
     # a corrupted covariance is detected and repaired
-    broken = dataclasses.replace(state, cov=state.cov * 1.01)
+    state = fresh
+    assert state.pending is None
+    broken = dataclasses.replace(state, cov_base=state.cov * 1.01)
     assert broken.drift() > 1e-3
     assert broken.refresh().drift() < 1e-12
     untracked = _state(16, 8, track_precision=False).write(_rand((2, 8)))
@@ -210,7 +212,8 @@ def test_explicit_w_and_pure_functions():
     Z0, W0 = Z.clone(), W.clone()
     s = state.write(Z, W)
     M, cov = sequential_write(state.M, state.cov, Z, W)
-    assert torch.equal(s.M, M) and torch.equal(s.cov, cov)
+    torch.testing.assert_close(s.M, M, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(s.cov, cov, rtol=1e-14, atol=1e-14)
     assert _rel(s.M, closed_form_memory(W, Z, 1.0, state.M_prior)) < 1e-12
     M2, cov2 = sequential_forget(M, cov, Z, W)
     assert _rel(M2, state.M) < 1e-12 and _rel(cov2, state.cov) < 1e-12
@@ -237,6 +240,33 @@ def test_batched_state_equals_looped():
         assert _rel(batched.precision[b], singles[b].precision) < 1e-12
         assert _rel(batched.read(q)[b], singles[b].read(q[b])) < 1e-12
     assert batched.batch_size == B and batched.n_rows == 3
+
+
+def test_states_share_bases_and_fold_the_log():
+    K, C = 12, 6
+    s0 = _state(K, C)
+    s1 = s0.write(_rand((1, C), seed=1))
+    s2 = s1.write(_rand((2, C), seed=2))
+    # no K x K / K x C buffer is written per operation: the bases are shared
+    assert s1.cov_base is s0.cov_base and s2.M_base is s0.M_base
+    assert s2.pending.L == 3 and s0.pending is None
+    # the old states are untouched and still correct
+    assert torch.equal(s0.M, torch.zeros(K, C, dtype=F64))
+    torch.testing.assert_close(s1.M, s0.write(_rand((1, C), seed=1)).M)
+    # reading through the log equals reading the materialised memory
+    q = _rand((4, C), seed=3)
+    torch.testing.assert_close(s2.read(q), s2.address(q) @ s2.M)
+    s3 = s2.forget(_rand((1, C), seed=1))
+    torch.testing.assert_close(s3.read(q), s3.address(q) @ s3.M)
+    torch.testing.assert_close(s3.M, s0.write(_rand((2, C), seed=2)).M)
+    # the log is folded into new bases every FOLD_ROWS rows
+    s = s0
+    for i in range(FOLD_ROWS):
+        s = s.write(_rand((1, C), seed=10 + i))
+    assert s.pending is None and s.cov_base is not s0.cov_base
+    assert torch.equal(s.cov_base, s.cov_base.mT)  # symmetrised when folded
+    big = s0.write(_rand((FOLD_ROWS + 1, C), seed=4))
+    assert big.pending is None
 
 
 def test_read_and_address():
@@ -339,8 +369,8 @@ def test_bad_inputs_leave_state_unchanged():
     with pytest.raises(MemoryInputError, match="batch size mismatch"):
         MemoryState.init(_rand((2, K, C))).write(_rand((3, 1, C)))
     # inconsistent hand-built states are rejected
-    with pytest.raises(MemoryInputError, match="cov must have shape"):
-        dataclasses.replace(state, cov=torch.eye(K + 1, dtype=F64))
+    with pytest.raises(MemoryInputError, match="cov_base must have shape"):
+        dataclasses.replace(state, cov_base=torch.eye(K + 1, dtype=F64))
 
 
 def test_closed_form_validation():

@@ -195,8 +195,8 @@ def load_state(path: str | os.PathLike[str], *, device: torch.device | str = "cp
             raise MemoryFileError(f"{path}: tensor {name!r} contains NaN or Inf")
     try:
         state = MemoryState(
-            M=tensors["M"],
-            cov=tensors["cov"],
+            M_base=tensors["M"],
+            cov_base=tensors["cov"],
             M_ref=tensors["M_ref"],
             M_ref_pinv=tensors["M_ref_pinv"],
             M_prior=tensors["M_prior"],
