@@ -91,6 +91,7 @@ def run_timing(
     """Time every method (``factories[name]() -> Editor``) on ``requests``; write results to ``out_dir``.
 
     A method whose construction or edits raise is reported with its error; the others still run.
+    The output files are rewritten after every method (partial results survive an interruption).
     """
     from tqdm.auto import tqdm
 
@@ -98,11 +99,24 @@ def run_timing(
 
     times: dict[str, list[float]] = {}
     errors: dict[str, str] = {}
+
+    def save() -> dict[str, Any]:
+        summary = timing_summary(times, errors, reference=reference)
+        if out_dir is not None:
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(out / "summary.json", summary)
+            atomic_write_json(out / "times.json", {"n_edits": len(requests), "times": times, "errors": errors})
+            atomic_write_text(out / "summary.md", timing_markdown(summary))
+        return summary
+
     for name in tqdm(list(factories), desc="timing", unit="method", disable=not progress):
+        log.info("timing %s ...", name)
         editor = None
         try:
             editor = factories[name]()
             times[name] = time_edits(editor, requests, clock=clock, warmup=warmup)
+            log.info("timing %s: median %.4f s per edit over %d edits", name, statistics.median(times[name]), len(requests))
         except Exception as exc:  # noqa: BLE001 - report and go on with the other methods
             log.warning("timing %s failed: %s", name, exc, exc_info=True)
             errors[name] = f"{type(exc).__name__}: {exc}"
@@ -114,11 +128,5 @@ def run_timing(
         finally:
             del editor
             gc.collect()
-    summary = timing_summary(times, errors, reference=reference)
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "summary.json", summary)
-        atomic_write_json(out / "times.json", {"n_edits": len(requests), "times": times, "errors": errors})
-        atomic_write_text(out / "summary.md", timing_markdown(summary))
-    return summary
+        save()  # after every method, so that an interrupted run keeps what it measured
+    return save()
