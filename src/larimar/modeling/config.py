@@ -40,7 +40,7 @@ class LarimarConfig:
     pinv_method: str = "svd"
     sigma_w: float = 0.0  # read-time noise on W (robustness experiments)
     # scope detector (paper §4)
-    scope_threshold: float = 0.6
+    scope_threshold: float = 0.65  # near the equal-error point on CounterFact dev (larimar scope)
     use_scope_detector: bool = True
     # text limits
     max_encoder_tokens: int = 128
