@@ -146,7 +146,8 @@ class _Pending:
 
 
 def _pivot_tol(dtype: torch.dtype) -> float:
-    """Smallest acceptable pivot of ``P = I + α W Cov W^T`` (whose eigenvalues are <= 1 + ...)."""
+    """Smallest accepted pivot of ``P = I + α W Cov W^T``. A forget whose pivot is at rounding
+    level would blow ``Cov`` up by ``1 / pivot`` with no correct digits left, so it is refused."""
     return 16.0 * torch.finfo(dtype).eps
 
 
