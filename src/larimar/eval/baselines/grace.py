@@ -87,7 +87,7 @@ class GRACEHparams:
     edit_lr: float = 1.0
     early_stop_loss: float = 0.01
     val_init: str = "warm"
-    replacement: str = "from_key"
+    replacement: str = "last"
     eps_expand: str = "coverage"
     seed: int = 0
     score_batch_size: int = 16

@@ -121,7 +121,7 @@ class ROMEHparams:
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     early_stop_loss: float = 0.05
-    context_template_length_params: list[list[int]] = field(default_factory=lambda: [[5, 5], [10, 5]])
+    context_template_length_params: list[list[int]] = field(default_factory=lambda: [[5, 5]])
     context_top_k: int = 5
     context_seed: int = 0
     mom2_adjustment: bool = True
