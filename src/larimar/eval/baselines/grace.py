@@ -29,10 +29,12 @@ the editor for ``score`` and ``generate``; a direct ``model(...)`` call uses the
 the sequence, as GRACE does at generation time). If the nearest key lies within its ball
 (``dist <= eps``) the module's output is replaced by the value at
 
-* ``replacement: last``     -- the key position only (GRACE's ``replace_last``),
+* ``replacement: last``     -- the key position only (GRACE's ``replace_last``; the default),
 * ``replacement: all``      -- every position of the sequence (GRACE's ``replace_all``),
 * ``replacement: from_key`` -- the key position and every later one (the target / generated
-  tokens); the prompt before the key is left untouched.
+  tokens); the prompt before the key is left untouched. This helps multi-token targets under
+  teacher forcing, but in greedy generation the same value at every new token makes the model
+  repeat the first answer token.
 
 During ``generate`` the whole sequence is re-run at each step (no KV cache) so that the query stays
 at the last prompt token and generated tokens are replaced consistently with ``score``.
