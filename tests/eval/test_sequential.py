@@ -62,6 +62,25 @@ def test_answer_helpers():
     assert seq.stream_checkpoints(20, 10) == [10, 20]
 
 
+def test_answer_by_length_groups_prompts():
+    class Fake:
+        name = "fake"
+
+        def __init__(self):
+            self.calls = []
+
+        def answer(self, prompts, max_new_tokens):
+            self.calls.append((list(prompts), max_new_tokens))
+            return [f"{p}:{max_new_tokens}" for p in prompts]
+
+    f = Fake()
+    assert seq.answer_by_length(f, ["a", "b", "c"], [2, 1, 2]) == ["a:2", "b:1", "c:2"]
+    assert f.calls == [(["b"], 1), (["a", "c"], 2)]
+    tok = tiny_tokenizer()
+    assert seq.target_token_counts(tok, ["Paris", "Danielle Darrieux"]) == [
+        len(tok(" Paris")["input_ids"]), len(tok(" Danielle Darrieux")["input_ids"])]
+
+
 def test_load_sequential_cases_tops_up_from_extra(tmp_path):
     a = write_zsre(tmp_path / "eval.json", QUESTIONS[:3] + [("X", "Who is X?", "", "y")])
     b = write_zsre(tmp_path / "train.json", QUESTIONS[3:])
@@ -74,7 +93,7 @@ def _run(model, tmp_path, cases, **kw):
     config = {"task": "sequential", "n": len(cases), "tag": kw.pop("tag", "a")}
     opts = dict(
         config=config, reference_prompts=[c.prompt for c in cases] + ["Who is Rome?", "What is Paris?"],
-        memory_size=8, eval_every=3, max_new_tokens=3, methods=("larimar", "grace"),
+        memory_size=8, eval_every=3, max_new_tokens=None, methods=("larimar", "grace"),
         grace_hparams={"layer": 1, "n_iter": 2, "eps_init": 1.0}, progress=False, plot=True,
     )
     opts.update(kw)

@@ -22,7 +22,8 @@ Protocol (``larimar eval rephrase``)
   read memory.
 * Checkpoints every ``--eval-every`` writes (rounded to whole facts) and after the last: for the facts
   fully written so far (a seeded sample of at most ``--eval-max`` facts), every unseen query prompt is
-  answered greedily; score = token F1 of :func:`larimar.eval.sequential.first_answer` vs the object.
+  answered greedily with as many tokens as the object has (``--max-new-tokens`` fixes a number);
+  score = token F1 of :func:`larimar.eval.sequential.first_answer` vs the object.
 
 Output: ``DIR/<mode>/progress.json`` + snapshots (resumable, as in :mod:`larimar.eval.sequential`),
 ``DIR/summary.json``::
@@ -51,12 +52,14 @@ from larimar.eval.sequential import (
     LarimarStream,
     StreamSystem,
     add_common_arguments,
+    answer_by_length,
     encode_latents,
     first_answer,
     markdown_table,
     plot_curves,
     run_stream,
     stream_checkpoints,
+    target_token_counts,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -137,7 +140,7 @@ def select_pararel_facts(
     return chosen
 
 
-def _evaluator(facts: Sequence[RephraseFact], writes_per_fact: int, *, eval_max: int | None, max_new_tokens: int, seed: int):
+def _evaluator(facts: Sequence[RephraseFact], writes_per_fact: int, lengths: Sequence[int], *, eval_max: int | None, seed: int):
     def evaluate(system: StreamSystem, k: int) -> dict[str, Any]:
         from larimar.eval.metrics import token_f1
 
@@ -147,7 +150,7 @@ def _evaluator(facts: Sequence[RephraseFact], writes_per_fact: int, *, eval_max:
         prompts = [q for i in done for q in facts[i].queries]
         answers = [facts[i].object for i in done for _ in facts[i].queries]
         t0 = time.perf_counter()
-        gens = system.answer(prompts, max_new_tokens) if prompts else []
+        gens = answer_by_length(system, prompts, [lengths[i] for i in done for _ in facts[i].queries])
         f1 = [token_f1(first_answer(g), a) for g, a in zip(gens, answers)]
         return {
             "writes": k,
@@ -188,7 +191,7 @@ def run_rephrase(
     memory_size: int = 1000,
     eval_every: int = 250,
     eval_max: int | None = 100,
-    max_new_tokens: int = 10,
+    max_new_tokens: int | None = None,
     gaussian_alpha: float | None = None,
     batch_size: int = 16,
     seed: int = 0,
@@ -229,7 +232,11 @@ def run_rephrase(
     if K < memory_size:
         log.warning("only %d reference texts: using K = %d instead of %d", len(ref_texts), K, memory_size)
     M_ref = reference_from_encodings(encode_latents(model, ref_texts[:K]), K)
-    evaluate = _evaluator(facts, wpf, eval_max=eval_max, max_new_tokens=max_new_tokens, seed=seed)
+    if max_new_tokens is None:
+        lengths = target_token_counts(model.tokenizer, [f.object for f in facts])
+    else:
+        lengths = [int(max_new_tokens)] * len(facts)
+    evaluate = _evaluator(facts, wpf, lengths, eval_max=eval_max, seed=seed)
     summary: dict[str, Any] = {
         "n_facts": len(facts),
         "max_writes": config.get("max_writes"),
@@ -286,7 +293,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gaussian-alpha", type=float, default=None, help="Gaussian addressing bandwidth (default: model config)")
     p.add_argument("--eval-every", type=int, default=250, help="checkpoint interval in writes (default 250)")
     p.add_argument("--eval-max", type=int, default=100, help="facts evaluated per checkpoint, sampled (default 100)")
-    p.add_argument("--max-new-tokens", type=int, default=10, help="greedy tokens per answer (default 10)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="greedy tokens per answer (default: the object's token count)")
     p.add_argument("--no-plot", action="store_true", help="do not draw curve.png")
 
 

@@ -15,8 +15,10 @@ Protocol (``larimar eval sequential``)
   every query reads memory (``use_memory="always"``: the scope detector is not involved).
 * GRACE (``make_editor("grace", ...)`` on the same decoder) edits the same sequence one fact at a time.
 * Checkpoints every ``--eval-every`` writes and after the last one: every written fact so far (or a
-  fixed-seed sample of ``--eval-max`` of them) is queried with greedy generation of
-  ``--max-new-tokens`` tokens; the score of a fact is the SQuAD token F1
+  fixed-seed sample of ``--eval-max`` of them) is queried with greedy generation of as many tokens
+  as its target has (``" " + target``; ``--max-new-tokens`` fixes one number for all), so that
+  what a method generates *after* a correct answer is not scored; the score of a fact is the SQuAD
+  token F1
   (:func:`larimar.eval.metrics.token_f1`) between :func:`first_answer` of the generation (first
   non-empty line, cut at the first sentence end) and the target. ERR (edit retention rate) is the mean
   F1 over all facts after the last write (a fraction in [0, 1], as in the paper's Table 3).
@@ -70,6 +72,7 @@ __all__ = [
     "GraceStream",
     "StreamSystem",
     "add_arguments",
+    "answer_by_length",
     "batched_generate",
     "contains_answer",
     "encode_latents",
@@ -84,6 +87,7 @@ __all__ = [
     "save_figure",
     "score_from_latents",
     "stream_checkpoints",
+    "target_token_counts",
 ]
 
 METHODS: tuple[str, ...] = ("larimar", "grace")
@@ -441,6 +445,21 @@ def stream_checkpoints(n: int, every: int) -> list[int]:
     return points
 
 
+def target_token_counts(tokenizer: Any, targets: Sequence[str]) -> list[int]:
+    """Number of tokens of each answer as it follows a prompt (``" " + target``, no special tokens)."""
+    return [max(1, len(tokenizer(" " + t.strip(), add_special_tokens=False)["input_ids"])) for t in targets]
+
+
+def answer_by_length(system: StreamSystem, prompts: Sequence[str], lengths: Sequence[int]) -> list[str]:
+    """``system.answer`` with ``lengths[i]`` new tokens for prompt ``i`` (prompts grouped by length)."""
+    out: list[str] = [""] * len(prompts)
+    for length in sorted(set(lengths)):
+        idx = [i for i, n in enumerate(lengths) if n == length]
+        for i, g in zip(idx, system.answer([prompts[i] for i in idx], int(length))):
+            out[i] = g
+    return out
+
+
 def _read_progress(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
@@ -565,7 +584,7 @@ def fact_sentence(case: "EditCase") -> str:
 
 
 def _evaluator(
-    queries: Sequence[str], targets: Sequence[str], *, n: int, eval_max: int | None, max_new_tokens: int, seed: int
+    queries: Sequence[str], targets: Sequence[str], lengths: Sequence[int], *, n: int, eval_max: int | None, seed: int
 ) -> Callable[[StreamSystem, int], dict[str, Any]]:
     def evaluate(system: StreamSystem, k: int) -> dict[str, Any]:
         from larimar.eval.metrics import token_f1
@@ -574,7 +593,7 @@ def _evaluator(
         if eval_max is not None and k > eval_max:
             idx = sorted(random.Random(seed * 7919 + k).sample(idx, eval_max))
         t0 = time.perf_counter()
-        gens = system.answer([queries[j] for j in idx], max_new_tokens)
+        gens = answer_by_length(system, [queries[j] for j in idx], [lengths[j] for j in idx])
         f1 = [token_f1(first_answer(g), targets[j]) for g, j in zip(gens, idx)]
         point: dict[str, Any] = {
             "writes": k,
@@ -649,7 +668,7 @@ def run_sequential(
     memory_size: int = 1000,
     eval_every: int = 100,
     eval_max: int | None = None,
-    max_new_tokens: int = 10,
+    max_new_tokens: int | None = None,
     methods: Sequence[str] = METHODS,
     grace_hparams: Mapping[str, Any] | None = None,
     batch_size: int = 16,
@@ -666,6 +685,7 @@ def run_sequential(
         reference_prompts: prompts whose encodings form the reference memory (first ``K``); default
             the prompts of ``cases``.
         memory_size: ``K``; reduced to the number of reference prompts when there are fewer.
+        max_new_tokens: tokens generated per answer; ``None``: the target's token count per fact.
         methods: subset of ``("larimar", "grace")``.
         grace_hparams: GRACE hyper-parameters (default: ``configs/baselines/grace.yaml`` if found).
     """
@@ -689,7 +709,11 @@ def run_sequential(
     )
     queries = [c.prompt for c in cases]
     targets = [c.target_new for c in cases]
-    evaluate = _evaluator(queries, targets, n=n, eval_max=eval_max, max_new_tokens=max_new_tokens, seed=seed)
+    if max_new_tokens is None:
+        lengths = target_token_counts(model.tokenizer, targets)
+    else:
+        lengths = [int(max_new_tokens)] * n
+    evaluate = _evaluator(queries, targets, lengths, n=n, eval_max=eval_max, seed=seed)
     marks = stream_checkpoints(n, eval_every)
     summary: dict[str, Any] = {}
 
@@ -777,7 +801,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-size", type=int, default=1000, help="K, slots of the memory (default 1000)")
     p.add_argument("--eval-every", type=int, default=100, help="checkpoint interval in writes (default 100)")
     p.add_argument("--eval-max", type=int, default=None, help="evaluate at most this many written facts per checkpoint")
-    p.add_argument("--max-new-tokens", type=int, default=10, help="greedy tokens generated per answer (default 10)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="greedy tokens generated per answer (default: as many as the target has)")
     p.add_argument("--methods", type=_methods, default=list(METHODS), help="comma-separated: larimar,grace (default both)")
     p.add_argument("--grace-hparams", default=None, help="GRACE hyper-parameter YAML (default configs/baselines/grace.yaml)")
     p.add_argument("--grace-set", action="append", default=[], metavar="KEY=VALUE", help="override a GRACE hyper-parameter")
