@@ -165,7 +165,8 @@ def run_memory_bench(
         if load > cpus:
             print(
                 f"larimar bench: warning: machine busy (load average {load:.1f} on {cpus} CPUs); "
-                "timings will be inflated",
+                "timings will be inflated (multi-threaded kernels stall when a core is taken; "
+                "--threads 1 is more robust then)",
                 file=sys.stderr,
             )
     dtype = torch.float32
