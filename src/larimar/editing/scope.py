@@ -35,6 +35,7 @@ class ScopeResult:
     score: torch.Tensor  # (Q,) max cosine over the query's sentences and the stored facts
     nearest: torch.Tensor  # (Q,) index of the nearest stored fact (-1 if memory is empty)
     in_scope: torch.Tensor  # (Q,) bool
+    query_embedding: torch.Tensor | None = None  # (Q, H) raw embedding of each whole query, if computed
 
 
 class ScopeDetector:
@@ -61,18 +62,20 @@ class ScopeDetector:
 
     @torch.no_grad()
     def score(self, queries: list[str]) -> ScopeResult:
-        pieces, owner = [], []
+        pieces, owner, whole = [], [], []
         for qi, q in enumerate(queries):
             parts = split_sentences(q) if self.split else [q]
             # the whole query counts too: a fact may span the split point
-            if len(parts) > 1:
+            if len(parts) > 1 or parts[0] != q:
                 parts = parts + [q]
+            whole.append(len(pieces) + len(parts) - 1)  # the last piece is always the whole query
             pieces.extend(parts)
             owner.extend([qi] * len(parts))
         if self.keys is None:
             n = len(queries)
             return ScopeResult(torch.full((n,), -1.0), torch.full((n,), -1, dtype=torch.long), torch.zeros(n, dtype=torch.bool))
-        emb = self.normalise(self.embed_fn(pieces)).to(self.keys.device)
+        raw = self.embed_fn(pieces)
+        emb = self.normalise(raw).to(self.keys.device)
         best, idx = max_cosine(emb, self.keys)  # per piece
         owner_t = torch.tensor(owner)
         score = torch.full((len(queries),), -2.0)
@@ -82,7 +85,7 @@ class ScopeDetector:
             if best[p] > score[q]:
                 score[q] = best[p].cpu()
                 nearest[q] = idx[p].cpu()
-        return ScopeResult(score, nearest, score >= self.threshold)
+        return ScopeResult(score, nearest, score >= self.threshold, raw[whole])
 
 
 def equal_error_rate(pos_scores: torch.Tensor, neg_scores: torch.Tensor) -> tuple[float, float]:

@@ -49,7 +49,7 @@ class FactMemory:
         """Write N facts (Z: (N, C), E: (N, H)) as one episode; returns the new FactMemory."""
         if Z.shape[0] != len(texts) or E.shape[0] != len(texts):
             raise ValueError(f"write: {len(texts)} texts but Z has {Z.shape[0]} rows and E {E.shape[0]}")
-        Z = Z.detach().to(self.state.M.dtype)
+        Z = Z.detach().to(self.state.dtype)
         new_state = self.state.write(Z)
         E = E.detach().float()
         return FactMemory(

@@ -82,13 +82,20 @@ class LatentEncoder(nn.Module):
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
     def embed(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-        """(N,) texts -> (N, H) pooled sentence embeddings, no head."""
+        """(N,) texts -> (N, H) pooled sentence embeddings, no head.
+
+        Texts are batched in order of length (less padding), results returned in input order.
+        """
         texts = check_texts(texts)
+        if len(texts) <= batch_size:
+            return self.pool(**self.tokenize(texts))
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = []
         for i in range(0, len(texts), batch_size):
-            enc = self.tokenize(texts[i : i + batch_size])
+            enc = self.tokenize([texts[j] for j in order[i : i + batch_size]])
             out.append(self.pool(**enc))
-        return torch.cat(out)
+        pooled = torch.cat(out)  # (N, H) in length order
+        return pooled[torch.argsort(torch.tensor(order, device=pooled.device))]
 
     def forward(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
         """(N,) texts -> (N, C) latents z."""

@@ -231,24 +231,34 @@ class Larimar(nn.Module):
 
     def route(self, prompts: list[str], use_memory: UseMemory) -> tuple[torch.Tensor, torch.Tensor]:
         """Which prompts take the memory path -> (mask (Q,) bool, scope scores (Q,))."""
+        mask, scores, _ = self.route_with_embeddings(prompts, use_memory)
+        return mask, scores
+
+    def route_with_embeddings(self, prompts: list[str], use_memory: UseMemory) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`route` plus the prompts' pooled embeddings (Q, H) when the scope check computed them (else None):
+        the memory path reuses them instead of running the encoder a second time."""
         n = len(prompts)
         if use_memory not in ("auto", "always", "never"):
             raise ValueError(f"use_memory={use_memory!r}: expected 'auto', 'always' or 'never'")
         if use_memory == "never":
-            return torch.zeros(n, dtype=torch.bool), torch.full((n,), float("nan"))
+            return torch.zeros(n, dtype=torch.bool), torch.full((n,), float("nan")), None
         if len(self.facts) == 0:
             if use_memory == "always":
                 raise EmptyMemoryError("use_memory='always' but memory is empty: write facts first")
-            return torch.zeros(n, dtype=torch.bool), torch.full((n,), -1.0)
+            return torch.zeros(n, dtype=torch.bool), torch.full((n,), -1.0), None
         if use_memory == "always" or not self.config.use_scope_detector:
-            return torch.ones(n, dtype=torch.bool), torch.full((n,), float("nan"))
+            return torch.ones(n, dtype=torch.bool), torch.full((n,), float("nan")), None
         res = self.scope.score(prompts)
-        return res.in_scope, res.score
+        return res.in_scope, res.score, res.query_embedding
 
     @torch.no_grad()
-    def condition_prompts(self, prompts: list[str]) -> Conditioning:
-        """Read memory with each prompt's encoding and map the read-outs to the decoder's conditioning."""
-        return self.conditioning(self.read_latents(self.encoder(prompts)))
+    def condition_prompts(self, prompts: list[str], embeddings: torch.Tensor | None = None) -> Conditioning:
+        """Read memory with each prompt's encoding and map the read-outs to the decoder's conditioning.
+
+        `embeddings` (Q, H): the prompts' pooled encoder embeddings if already computed (scope check).
+        """
+        e = self.encoder.embed(prompts) if embeddings is None else embeddings
+        return self.conditioning(self.read_latents(self.encoder.head(e)))
 
     # ------------------------------------------------------------------ decoding
     def _tokenize_prompts(self, prompts: list[str], padding_side: str):
@@ -280,7 +290,7 @@ class Larimar(nn.Module):
         `use_memory`: "auto" (scope detector decides), "always", or "never" (plain decoding).
         """
         prompts = check_texts(prompts, "generate")
-        mask, scores = self.route(prompts, use_memory)
+        mask, scores, q_emb = self.route_with_embeddings(prompts, use_memory)
         gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         outputs: list[str | None] = [None] * len(prompts)
         for use in (True, False):
@@ -289,7 +299,7 @@ class Larimar(nn.Module):
                 continue
             sub = [prompts[i] for i in idx]
             ids, att = self._tokenize_prompts(sub, "left")
-            cond = self.condition_prompts(sub) if use else None
+            cond = self.condition_prompts(sub, None if q_emb is None else q_emb[idx]) if use else None
             new = self.runner.generate(
                 ids,
                 att,
@@ -333,7 +343,7 @@ class Larimar(nn.Module):
         n_cand = len(candidates[0])
         if n_cand == 0 or any(len(c) != n_cand for c in candidates):
             raise ValueError("score: every prompt needs the same, non-zero number of candidates")
-        mask, _ = self.route(prompts, use_memory)
+        mask, _, q_emb = self.route_with_embeddings(prompts, use_memory)
         flat_p = [p for p in prompts for _ in range(n_cand)]
         flat_c = [c for cs in candidates for c in cs]
         flat_use = mask.repeat_interleave(n_cand)
@@ -345,7 +355,8 @@ class Larimar(nn.Module):
             sub_p = [flat_p[i] for i in idx]
             forward = None
             if use:
-                cond = self.condition_prompts(sub_p)
+                prompt_rows = [i // n_cand for i in idx]
+                cond = self.condition_prompts(sub_p, None if q_emb is None else q_emb[prompt_rows])
 
                 def forward(input_ids, attention_mask, batch_index, _cond=cond):
                     return self.runner.forward(input_ids, attention_mask, _cond.select(batch_index)).logits
