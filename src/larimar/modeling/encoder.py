@@ -81,7 +81,7 @@ class LatentEncoder(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (N, T, 1)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
-    def embed(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+    def embed(self, texts: list[str], batch_size: int = 128) -> torch.Tensor:
         """(N,) texts -> (N, H) pooled sentence embeddings, no head.
 
         Texts are batched in order of length (less padding), results returned in input order.
@@ -97,11 +97,11 @@ class LatentEncoder(nn.Module):
         pooled = torch.cat(out)  # (N, H) in length order
         return pooled[torch.argsort(torch.tensor(order, device=pooled.device))]
 
-    def forward(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+    def forward(self, texts: list[str], batch_size: int = 128) -> torch.Tensor:
         """(N,) texts -> (N, C) latents z."""
         return self.head(self.embed(texts, batch_size=batch_size))
 
-    def encode_with_embedding(self, texts: list[str], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_with_embedding(self, texts: list[str], batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
         """One encoder pass giving both (N, C) latents and (N, H) pooled embeddings."""
         e = self.embed(texts, batch_size=batch_size)
         return self.head(e), e

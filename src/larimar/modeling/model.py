@@ -181,7 +181,7 @@ class Larimar(nn.Module):
         return len(self.facts)
 
     @torch.no_grad()
-    def write(self, texts: list[str] | str, batch_size: int = 64) -> None:
+    def write(self, texts: list[str] | str, batch_size: int = 128) -> None:
         """Write facts to memory in one shot (no gradient step). On any error memory is unchanged."""
         texts = check_texts(texts, "write")
         Z, E = self.encoder.encode_with_embedding(texts, batch_size=batch_size)
