@@ -244,3 +244,16 @@ def test_decoder_stays_frozen(model):
     loss = model.conditioned_lm_loss(ids, att, ids.masked_fill(att == 0, -100), z)
     loss.backward()
     assert model.kv_prefix.out.weight.grad is not None and z.grad is not None
+
+
+def test_read_noise_sigma_w(model):
+    model.write(FACTS)
+    q = model.encoder(["The capital of France is"])
+    clean = model.read_latents(q)
+    torch.testing.assert_close(model.read_latents(q, sigma_w=0.0), clean)
+    g = torch.Generator().manual_seed(0)
+    noisy = model.read_latents(q, sigma_w=0.5, generator=g)
+    W = model.facts.state.address(q.double())
+    noise = 0.5 * torch.randn(W.shape, generator=torch.Generator().manual_seed(0), dtype=W.dtype)
+    torch.testing.assert_close(noisy, ((W + noise) @ model.facts.state.M).float())
+    assert not torch.allclose(noisy, clean)

@@ -205,11 +205,21 @@ class Larimar(nn.Module):
         self.facts = facts
         self.scope.set_keys(facts.E)
 
-    def read_latents(self, q: torch.Tensor) -> torch.Tensor:
-        """(Q, C) query latents -> (Q, C) read-outs z_r from the current memory."""
-        z = self.facts.state.read(q.detach().to(self.memory_dtype))
-        if isinstance(z, tuple):
-            z = z[0]
+    def read_latents(self, q: torch.Tensor, *, sigma_w: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(Q, C) query latents -> (Q, C) read-outs z_r = W·M from the current memory.
+
+        W comes from the configured addressing; with sigma_w > 0 (default: config.sigma_w) Gaussian noise
+        N(0, sigma_w²) is added to W before the read (the paper's robustness experiment, Fig. 6).
+        """
+        state = self.facts.state
+        q = q.detach().to(self.memory_dtype)
+        sigma = self.config.sigma_w if sigma_w is None else sigma_w
+        if sigma > 0:
+            W = state.address(q)  # (Q, K)
+            W = W + sigma * torch.randn(W.shape, generator=generator, dtype=W.dtype, device=W.device)
+            z = W @ state.M
+        else:
+            z = state.read(q)
         return z.to(self.M0.dtype)
 
     @torch.no_grad()
