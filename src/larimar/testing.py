@@ -237,3 +237,25 @@ def tiny_bert(*, seed: int = 0, vocab_size: int | None = None, max_position_embe
         pad_token_id=0,
     )
     return _seeded_init(seed, lambda: BertModel(config))
+
+
+def tiny_larimar(*, randomize_offset: bool = True, seed: int = 0, **config_overrides: Any):  # noqa: ANN201
+    """A tiny Larimar (tiny BERT encoder + tiny Llama with one KV head, C=16, K=12, P=3), in eval mode.
+
+    The untrained W_M output layer starts at zero (every read-out would give the same prefix), so its
+    weights -- and the embedding offset's, unless ``randomize_offset`` is False -- are drawn from
+    N(0, 0.5²) with ``seed``: memory then visibly reaches the decoder.
+    """
+    import torch
+
+    from larimar.modeling.config import LarimarConfig
+    from larimar.modeling.model import Larimar
+
+    params = {"latent_size": 16, "memory_size": 12, "prefix_len": 3, "prefix_hidden": 8, **config_overrides}
+    model = Larimar(LarimarConfig(**params), tiny_bert(), tiny_bert_tokenizer(), tiny_llama(kv_heads=1), tiny_tokenizer(pad_token=True))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        model.kv_prefix.out.weight.copy_(torch.randn(model.kv_prefix.out.weight.shape, generator=g) * 0.5)
+        if randomize_offset and model.emb_offset is not None:
+            model.emb_offset.proj.weight.copy_(torch.randn(model.emb_offset.proj.weight.shape, generator=g) * 0.5)
+    return model.eval()

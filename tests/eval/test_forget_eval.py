@@ -10,9 +10,8 @@ import torch
 from larimar.eval import forget as fg
 from larimar.eval.data import EditCase
 from larimar.memory import MemoryState, closed_form_memory, random_reference
-from larimar.modeling.config import LarimarConfig
 from larimar.modeling.model import Larimar
-from larimar.testing import tiny_bert, tiny_bert_tokenizer, tiny_llama, tiny_tokenizer
+from larimar.testing import tiny_larimar
 
 FACTS = [
     ("Danielle Darrieux", "The mother tongue of Danielle Darrieux is", "English", "French"),
@@ -24,14 +23,6 @@ FACTS = [
 ]
 
 
-def tiny_larimar(**cfg) -> Larimar:
-    config = LarimarConfig(latent_size=16, memory_size=12, prefix_len=3, prefix_hidden=8, **cfg)
-    model = Larimar(config, tiny_bert(), tiny_bert_tokenizer(), tiny_llama(kv_heads=1), tiny_tokenizer(pad_token=True))
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(0)
-        model.kv_prefix.out.weight.copy_(torch.randn(model.kv_prefix.out.weight.shape, generator=g) * 0.5)
-        model.emb_offset.proj.weight.copy_(torch.randn(model.emb_offset.proj.weight.shape, generator=g) * 0.5)
-    return model.eval()
 
 
 def cases() -> list[EditCase]:

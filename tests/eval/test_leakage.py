@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from larimar.eval import leakage as lk
 from larimar.eval.data import EditCase
-from larimar.modeling.config import LarimarConfig
 from larimar.modeling.model import Larimar
-from larimar.testing import tiny_bert, tiny_bert_tokenizer, tiny_llama, tiny_tokenizer
+from larimar.testing import tiny_larimar as _tiny_larimar
 
 
 def case(i: int, prompt: str, true: str, paras: list[str]) -> EditCase:
@@ -105,13 +103,9 @@ def test_summary_counts_and_reduction():
     assert s["sys"]["relative_reduction"] == pytest.approx(50.0 / 75.0)
 
 
+
 def tiny_larimar() -> Larimar:
-    config = LarimarConfig(latent_size=16, memory_size=12, prefix_len=3, prefix_hidden=8)
-    model = Larimar(config, tiny_bert(), tiny_bert_tokenizer(), tiny_llama(kv_heads=1), tiny_tokenizer(pad_token=True))
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(0)
-        model.kv_prefix.out.weight.copy_(torch.randn(model.kv_prefix.out.weight.shape, generator=g) * 0.5)
-    return model.eval()
+    return _tiny_larimar(randomize_offset=False)
 
 
 def test_run_leakage_with_fakes_and_resume(tmp_path, monkeypatch):

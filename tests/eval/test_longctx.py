@@ -10,9 +10,8 @@ import torch
 from larimar.eval import longctx as lc
 from larimar.eval.data import EditCase
 from larimar.memory import MemoryState, address, closed_form_memory, random_reference
-from larimar.modeling.config import LarimarConfig
 from larimar.modeling.model import Larimar
-from larimar.testing import tiny_bert, tiny_bert_tokenizer, tiny_llama, tiny_tokenizer
+from larimar.testing import tiny_larimar as _tiny_larimar
 
 LAM = 1e-2
 
@@ -70,13 +69,9 @@ def test_query_indices_and_prompt():
     assert lc._demos(["a", "b", "c", "d", "e"], 3) == ["e", "a", "b"]
 
 
+
 def tiny_larimar() -> Larimar:
-    config = LarimarConfig(latent_size=16, memory_size=12, prefix_len=3, prefix_hidden=8)
-    model = Larimar(config, tiny_bert(), tiny_bert_tokenizer(), tiny_llama(kv_heads=1), tiny_tokenizer(pad_token=True))
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(0)
-        model.kv_prefix.out.weight.copy_(torch.randn(model.kv_prefix.out.weight.shape, generator=g) * 0.5)
-    return model.eval()
+    return _tiny_larimar(randomize_offset=False)
 
 
 WORDS = ["Paris", "Rome", "France", "Italy", "Tokyo", "Canada", "Germany", "English", "French", "Japanese", "guitar", "piano"]

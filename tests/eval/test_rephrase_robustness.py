@@ -11,9 +11,8 @@ from larimar.eval import rephrase as rp
 from larimar.eval import robustness as rb
 from larimar.eval.data import EditCase, load_pararel
 from larimar.memory import MemoryState, random_reference
-from larimar.modeling.config import LarimarConfig
 from larimar.modeling.model import Larimar
-from larimar.testing import tiny_bert, tiny_bert_tokenizer, tiny_llama, tiny_tokenizer
+from larimar.testing import tiny_larimar
 
 PATTERNS = {
     "P17": ["[X] is located in [Y] .", "[X], which is located in [Y].", "[X], located in [Y].", "[X] is in [Y].",
@@ -41,14 +40,6 @@ def write_pararel(root):
     return root
 
 
-def tiny_larimar(**cfg) -> Larimar:
-    config = LarimarConfig(latent_size=16, memory_size=12, prefix_len=3, prefix_hidden=8, **cfg)
-    model = Larimar(config, tiny_bert(), tiny_bert_tokenizer(), tiny_llama(kv_heads=1), tiny_tokenizer(pad_token=True))
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(0)
-        model.kv_prefix.out.weight.copy_(torch.randn(model.kv_prefix.out.weight.shape, generator=g) * 0.5)
-        model.emb_offset.proj.weight.copy_(torch.randn(model.emb_offset.proj.weight.shape, generator=g) * 0.5)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

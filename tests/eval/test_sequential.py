@@ -6,12 +6,11 @@ import argparse
 import json
 
 import pytest
-import torch
 
 from larimar.eval import sequential as seq
-from larimar.modeling.config import LarimarConfig
 from larimar.modeling.model import Larimar
-from larimar.testing import tiny_bert, tiny_bert_tokenizer, tiny_llama, tiny_tokenizer
+from larimar.testing import tiny_tokenizer
+from larimar.testing import tiny_larimar
 
 QUESTIONS = [
     ("IAAF Combined Events Challenge", "When was the inception of IAAF Combined Events Challenge?", "2006", "1998"),
@@ -25,14 +24,6 @@ QUESTIONS = [
 ]
 
 
-def tiny_larimar(**cfg) -> Larimar:
-    config = LarimarConfig(latent_size=16, memory_size=12, prefix_len=3, prefix_hidden=8, **cfg)
-    model = Larimar(config, tiny_bert(), tiny_bert_tokenizer(), tiny_llama(kv_heads=1), tiny_tokenizer(pad_token=True))
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(0)
-        model.kv_prefix.out.weight.copy_(torch.randn(model.kv_prefix.out.weight.shape, generator=g) * 0.5)
-        model.emb_offset.proj.weight.copy_(torch.randn(model.emb_offset.proj.weight.shape, generator=g) * 0.5)
-    return model.eval()
 
 
 def write_zsre(path, rows) -> str:
