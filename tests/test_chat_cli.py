@@ -1,0 +1,36 @@
+"""`larimar chat` command handling and the CLI dispatcher, on a tiny model."""
+
+from larimar.chat import handle
+from larimar.cli import build_parser
+from larimar.testing import tiny_larimar
+
+
+def test_chat_add_ask_forget_save_load(tmp_path):
+    model = tiny_larimar()
+    out: list[str] = []
+    assert handle(model, "+ The capital of France is Rome.", 3, out.append)
+    assert len(model) == 1 and "written" in out[-1]
+    handle(model, "? The capital of France is", 3, out.append)
+    assert "[memory" in out[-1] or "[plain" in out[-1]
+    handle(model, ":list", 3, out.append)
+    assert "Rome" in out[-1]
+    handle(model, f":save {tmp_path / 'mem'}", 3, out.append)
+    handle(model, "- never written fact", 3, out.append)
+    assert out[-1].startswith("  error:") and len(model) == 1  # failed forget leaves memory unchanged
+    handle(model, "- The capital of France is Rome.", 3, out.append)
+    assert len(model) == 0
+    handle(model, f":load {tmp_path / 'mem'}", 3, out.append)
+    assert len(model) == 1
+    handle(model, "+    ", 3, out.append)
+    assert out[-1].startswith("  error:")
+    handle(model, ":bogus", 3, out.append)
+    assert "unknown command" in out[-1]
+    assert handle(model, ":quit", 3, out.append) is False
+
+
+def test_cli_lists_commands_and_imports_only_the_chosen_one():
+    parser = build_parser("")
+    names = set(parser._subparsers._group_actions[0].choices)
+    assert {"demo", "chat", "bench", "train", "scope", "eval"} <= names
+    args = build_parser("bench").parse_args(["bench", "memory", "--json"])
+    assert args.target == "memory" and args.json
