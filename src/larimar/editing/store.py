@@ -78,7 +78,8 @@ class FactMemory:
         """Remove facts exactly (alpha = -1 with the latents they were written with)."""
         rows = self.find(texts)
         new_state = self.state.forget(self.Z[rows])
-        keep = [i for i in range(len(self.texts)) if i not in set(rows)]
+        removed = set(rows)
+        keep = [i for i in range(len(self.texts)) if i not in removed]
         return FactMemory(
             new_state,
             [self.texts[i] for i in keep],
