@@ -447,3 +447,11 @@ def test_smoke_runs_on_rome_format_file(tmp_path, family):
     assert 0.0 <= out["neighborhood_success"] <= 1.0
     base = smoke("unedited", n=2, data=path, model=model, tokenizer=tok, verbose=False)
     assert base["n"] == 2 and base["success"] == 0.0
+
+
+def test_larimar_is_registered_without_importing_its_module():
+    import subprocess
+    import sys
+
+    code = "import sys; from larimar.eval.editors import available_editors; assert 'larimar' in available_editors(); assert 'larimar.eval.larimar_editor' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -378,6 +378,7 @@ register_editor("ike", _lazy_factory("larimar.eval.baselines.ike", "IKEEditor"))
 register_editor("ft_l", _lazy_factory("larimar.eval.baselines.ft_l", "FTLEditor"))
 register_editor("rome", _lazy_factory("larimar.eval.baselines.rome", "ROMEEditor"))
 register_editor("grace", _lazy_factory("larimar.eval.baselines.grace", "GRACEEditor"))
+register_editor("larimar", _lazy_factory("larimar.eval.larimar_editor", "make_larimar_editor"))
 
 
 # --------------------------------------------------------------------------------------------
