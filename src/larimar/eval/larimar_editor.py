@@ -210,40 +210,13 @@ class LarimarEditor:
         Routing and conditioning are those of :meth:`score` (so ``stats[i].nll`` equals the
         corresponding score); ``stats[i].correct`` are the argmax flags behind ZsRE accuracy.
         """
-        from larimar.eval.scoring import continuation_token_stats
-
         prompts = list(prompts)
         targets = [_with_space(t) for t in targets]
         if len(prompts) != len(targets):
             raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
         if not prompts:
             return []
-        model = self.model
-        mask, _ = model.route(prompts, self.use_memory())
-        out: list[Any] = [None] * len(prompts)
-        for use in (True, False):
-            idx = [i for i in range(len(prompts)) if bool(mask[i]) == use]
-            if not idx:
-                continue
-            sub_p = [prompts[i] for i in idx]
-            forward = None
-            if use:
-                cond = model.condition_prompts(sub_p)
-
-                def forward(input_ids, attention_mask, batch_index, _cond=cond):  # noqa: ANN001, ANN202
-                    return model.runner.forward(input_ids, attention_mask, _cond.select(batch_index)).logits
-
-            stats = continuation_token_stats(
-                model.decoder,
-                model.tokenizer,
-                sub_p,
-                [targets[i] for i in idx],
-                batch_size=self.score_batch_size,
-                forward_fn=forward,
-            )
-            for i, s in zip(idx, stats):
-                out[i] = s
-        return out
+        return self.model.token_stats(prompts, targets, use_memory=self.use_memory(), batch_size=self.score_batch_size)
 
     def memory_routing(self, prompts: Sequence[str]) -> list[bool]:
         """Whether each prompt is answered from memory right now (scope detector / mode), for reports."""

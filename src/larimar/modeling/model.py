@@ -343,8 +343,6 @@ class Larimar(nn.Module):
         `candidates` is one list shared by all prompts or one list per prompt (same length each).
         Continuations are appended verbatim: pass them with their leading space (" Paris").
         """
-        from larimar.eval.scoring import continuation_nll
-
         prompts = check_texts(prompts, "score")
         if candidates and isinstance(candidates[0], str):
             candidates = [list(candidates)] * len(prompts)  # type: ignore[list-item]
@@ -353,29 +351,54 @@ class Larimar(nn.Module):
         n_cand = len(candidates[0])
         if n_cand == 0 or any(len(c) != n_cand for c in candidates):
             raise ValueError("score: every prompt needs the same, non-zero number of candidates")
-        mask, _, q_emb = self.route_with_embeddings(prompts, use_memory)
         flat_p = [p for p in prompts for _ in range(n_cand)]
         flat_c = [c for cs in candidates for c in cs]
-        flat_use = mask.repeat_interleave(n_cand)
-        result = torch.empty(len(flat_p))
+        stats = self.token_stats(flat_p, flat_c, use_memory=use_memory, batch_size=batch_size)
+        nll = torch.stack([-s.logprobs.float().mean() for s in stats])
+        return nll.cpu().view(len(prompts), n_cand)
+
+    @torch.no_grad()
+    def token_stats(
+        self,
+        prompts: list[str],
+        continuations: list[str],
+        *,
+        use_memory: UseMemory = "auto",
+        batch_size: int = 16,
+    ) -> list:
+        """Teacher-forced per-token statistics (`larimar.eval.scoring.ContinuationStats`) of each
+        continuation after its prompt (pairs), routed and conditioned as `generate` does.
+
+        Each distinct prompt is routed and encoded once, however many continuations it has.
+        """
+        from larimar.eval.scoring import continuation_token_stats
+
+        prompts = check_texts(prompts, "token_stats")
+        if len(continuations) != len(prompts):
+            raise ValueError(f"token_stats: {len(prompts)} prompts but {len(continuations)} continuations")
+        unique = list(dict.fromkeys(prompts))
+        row = {p: i for i, p in enumerate(unique)}
+        mask, _, q_emb = self.route_with_embeddings(unique, use_memory)
+        out: list = [None] * len(prompts)
         for use in (True, False):
-            idx = [i for i in range(len(flat_p)) if bool(flat_use[i]) == use]
+            idx = [i for i, p in enumerate(prompts) if bool(mask[row[p]]) == use]
             if not idx:
                 continue
-            sub_p = [flat_p[i] for i in idx]
+            sub_p = [prompts[i] for i in idx]
             forward = None
             if use:
-                prompt_rows = [i // n_cand for i in idx]
-                cond = self.condition_prompts(sub_p, None if q_emb is None else q_emb[prompt_rows])
+                rows = [row[p] for p in sub_p]
+                cond = self.condition_prompts(sub_p, None if q_emb is None else q_emb[rows])
 
                 def forward(input_ids, attention_mask, batch_index, _cond=cond):
                     return self.runner.forward(input_ids, attention_mask, _cond.select(batch_index)).logits
 
-            nll = continuation_nll(
-                self.decoder, self.tokenizer, sub_p, [flat_c[i] for i in idx], batch_size=batch_size, forward_fn=forward
+            stats = continuation_token_stats(
+                self.decoder, self.tokenizer, sub_p, [continuations[i] for i in idx], batch_size=batch_size, forward_fn=forward
             )
-            result[idx] = nll.float().cpu()
-        return result.view(len(prompts), n_cand)
+            for i, st in zip(idx, stats):
+                out[i] = st
+        return out
 
     # ------------------------------------------------------------------ training-time forward
     def conditioned_lm_loss(
