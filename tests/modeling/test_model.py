@@ -29,12 +29,16 @@ def make(decoder: str = "llama", **cfg) -> Larimar:
         model.kv_prefix.out.weight.normal_(0, 0.5)
         if model.emb_offset is not None:
             model.emb_offset.proj.weight.normal_(0, 0.5)
+        if model.out_offset is not None:
+            model.out_offset.proj.weight.normal_(0, 0.5)
+            model.out_offset.gate.weight.normal_(0, 2.0)
     return model
 
 
-@pytest.fixture(params=["llama", "gpt2"])
+@pytest.fixture(params=["llama", "gpt2", "llama+output"])
 def model(request) -> Larimar:
-    return make(request.param)
+    name, _, extra = request.param.partition("+")
+    return make(name, output_offset=extra == "output")
 
 
 def test_kv_shape_handles_grouped_heads():
@@ -257,3 +261,35 @@ def test_read_noise_sigma_w(model):
     noise = 0.5 * torch.randn(W.shape, generator=torch.Generator().manual_seed(0), dtype=W.dtype)
     torch.testing.assert_close(noisy, ((W + noise) @ model.facts.state.M).float())
     assert not torch.allclose(noisy, clean)
+
+
+def test_output_offset_matches_independent_formula():
+    """logits = base-conditioned logits + sigmoid(gate(h/|h|)) * W_out (g(z) - g(0)), per position."""
+    m = make("llama", output_offset=True)
+    z = torch.randn(2, 16)
+    ids, att = m._tokenize_prompts(["The capital of France is", "Apple was founded by"], "right")
+    q = torch.randn(2, 16)  # the queries' own latents
+    cond = m.conditioning(z, q)
+    got = m.runner.forward(ids, att, cond).logits
+    no_out = Conditioning(cond.prefix, cond.offset)
+    ref_out = m.runner.forward(ids, att, no_out, output_hidden_states=True)
+    h = ref_out.hidden_states[-1]
+    head = m.out_offset
+
+    def g_of(a, b):
+        return head.proj(torch.nn.functional.gelu(head.inner(torch.cat([a, b], -1))))
+
+    g = g_of(z, q) - g_of(torch.zeros_like(z), q)
+    gate = torch.sigmoid(h / h.norm(dim=-1, keepdim=True) @ head.gate.weight.T + head.gate.bias)  # (B, T, 1)
+    W = m.decoder.get_output_embeddings().weight
+    torch.testing.assert_close(got, ref_out.logits + gate * (g @ W.T)[:, None, :], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got, ref_out.logits, atol=1e-3)  # the offset reaches the logits
+
+
+def test_output_offset_is_zero_for_empty_readout_and_untrained():
+    m = make("llama", output_offset=True)
+    assert torch.equal(m.out_offset(torch.zeros(3, 16)), torch.zeros(3, m.kv_shape.hidden_size))
+    assert torch.equal(m.out_offset(torch.zeros(3, 16), torch.randn(3, 16)), torch.zeros(3, m.kv_shape.hidden_size))
+    fresh = Larimar(LarimarConfig(latent_size=16, memory_size=12, prefix_len=3, prefix_hidden=8, output_offset=True),
+                    tiny_bert(), tiny_bert_tokenizer(), tiny_llama(kv_heads=1), tiny_tokenizer(pad_token=True))
+    assert torch.equal(fresh.out_offset(torch.randn(2, 16)), torch.zeros(2, fresh.kv_shape.hidden_size))

@@ -62,3 +62,20 @@ def test_shipped_adapter_matches_default_models():
     cfg = LarimarConfig.load(d / "config.json")
     assert cfg.encoder is None and cfg.decoder is None and cfg.trained
     assert (d / "adapter.safetensors").stat().st_size <= 40 * 2**20
+
+
+def test_shipped_adapter_makes_edits_win(model):
+    """With the trained adapter, written counterfactuals outrank the base model's answers."""
+    if not model.config.trained:
+        pytest.skip("no adapter shipped in this checkout")
+    facts = [("The capital of France is", " Rome", " Paris"), ("The Eiffel Tower is located in", " London", " Paris"),
+             ("The official language of Japan is", " Spanish", " Japanese")]
+    model.reset_memory()
+    wins = 0
+    for prompt, new, old in facts:
+        model.reset_memory()
+        model.write([prompt + new + "."])
+        nll = model.score([prompt], [new, old])[0]
+        wins += int(nll[0] < nll[1])
+    model.reset_memory()
+    assert wins >= 2, wins

@@ -18,6 +18,7 @@ summary.md, a PNG where there is a curve; see the modules for the protocols and 
     larimar eval leakage     Table 5: paraphrase + sampling attacks after "unknown" edits (+ ROME)
     larimar eval longctx     Table 6: facts in a hierarchy of chunk memories vs the whole context in the prompt
     larimar eval robustness  Fig. 6: edit success and generation perplexity vs read-time noise sigma_W
+    larimar eval modelcard   reconstruction from memory (1, 16, K items) and empty-memory perplexity
 
 Every method runs on the same base model: the decoder of the Larimar model loaded from ``--model``
 (default: the adapter shipped with the package, else an untrained one). Larimar variants are chosen
@@ -48,6 +49,7 @@ _EXPERIMENTS: dict[str, tuple[str, str]] = {
     "leakage": ("larimar.eval.leakage", "Table 5: information leakage after 'unknown' edits (+ ROME)"),
     "longctx": ("larimar.eval.longctx", "Table 6: long input context through hierarchical memory read"),
     "robustness": ("larimar.eval.robustness", "Fig. 6: edit success and perplexity vs read noise sigma_W"),
+    "modelcard": ("larimar.eval.modelcard", "model card: reconstruction from memory with 1/16/K items, empty-memory perplexity"),
 }
 
 _DEFAULT_DATA = {"counterfact": "counterfact-rome", "zsre": "zsre-eval", "batch": "counterfact-edit", "timing": "counterfact-rome"}

@@ -242,7 +242,8 @@ def generate_from_latents(
     tok = model.tokenizer
     with torch.no_grad():
         ids, att = model._tokenize_prompts(prompts, "left")
-        cond = model.conditioning(z.to(device=model.device, dtype=model.M0.dtype))
+        q = model.encoder(prompts).to(dtype=model.M0.dtype)  # the prompts' own latents (read by the output offset)
+        cond = model.conditioning(z.to(device=model.device, dtype=model.M0.dtype), q)
         gen = torch.Generator(device=model.device).manual_seed(int(seed)) if seed is not None else None
         new = model.runner.generate(
             ids,
@@ -277,7 +278,8 @@ def score_from_latents(
     if z.shape[0] != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {z.shape[0]} read-outs")
     with torch.no_grad():
-        cond = model.conditioning(z.to(device=model.device, dtype=model.M0.dtype))
+        q = model.encoder(prompts).to(dtype=model.M0.dtype)  # the prompts' own latents (read by the output offset)
+        cond = model.conditioning(z.to(device=model.device, dtype=model.M0.dtype), q)
 
         def forward(input_ids, attention_mask, batch_index):  # noqa: ANN001, ANN202
             return model.runner.forward(input_ids, attention_mask, cond.select(batch_index)).logits

@@ -12,6 +12,10 @@ Design:
   started at zero.
 - `EmbeddingOffset` (optional, as the official code's "latent as embedding"): a per-token offset
   added to every input embedding; with tied embeddings it is a direct path to the output.
+- `OutputOffset` (optional, our addition): a gated offset g(z_r) on the decoder's final hidden state,
+  i.e. logits += gate(h_t) * W_out g(z_r). It is the shortest path from memory to the answer and can be
+  trained without backpropagating through the decoder (see `larimar.training.warmstart`); the gate, read
+  from each position's own final hidden state, opens where the memory's content is due.
 - `ConditionedDecoder` runs forward passes and a KV-cached generation loop with or without the
   conditioning; with no conditioning it calls the base model unchanged (logits identical).
 """
@@ -106,6 +110,44 @@ class EmbeddingOffset(nn.Module):
         return self.proj(z.to(self.proj.weight.dtype)).unsqueeze(1)
 
 
+class OutputOffset(nn.Module):
+    """(z_r, q) (B, C) each -> (B, hidden) offset on the final hidden state, applied through a per-position gate.
+
+    The offset sees the read-out z_r *and* the query's own latent q: a sentence encoding is dominated by
+    what the query already says (subject, relation), and the memory's news (the object) is what z_r adds
+    to it. `forward(z, q)` returns g(z, q) - g(0, q), so an all-zero read-out (empty memory) changes nothing.
+    `apply(logits, hidden, offset, W_out)`: logits (B, T, V) + sigmoid(gate(norm(h_t))) * (offset @ W_outᵀ).
+    The last layer starts at zero: an untrained offset leaves the logits unchanged.
+    """
+
+    def __init__(self, latent_size: int, hidden_size: int, inner: int = 1024):
+        super().__init__()
+        self.inner = nn.Linear(2 * latent_size, inner)
+        self.proj = nn.Linear(inner, hidden_size)
+        self.gate = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def _g(self, z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return self.proj(nn.functional.gelu(self.inner(torch.cat([z, q], dim=-1))))
+
+    def forward(self, z: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
+        """z: (B, C) read-outs; q: (B, C) the queries' latents (None: zeros). Returns (B, hidden)."""
+        z = z.to(self.inner.weight.dtype)
+        q = torch.zeros_like(z) if q is None else q.to(z.dtype).expand_as(z)
+        return self._g(z, q) - self._g(torch.zeros_like(z), q)
+
+    def gate_values(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (..., H) -> gate in (0, 1), shape (..., 1)."""
+        h = nn.functional.normalize(hidden.float(), dim=-1).to(self.gate.weight.dtype)
+        return torch.sigmoid(self.gate(h))
+
+    def apply(self, logits: torch.Tensor, hidden: torch.Tensor, offset: torch.Tensor, out_weight: torch.Tensor) -> torch.Tensor:
+        """logits (B, T, V), hidden (B, T, H) final hidden states, offset (B, H), out_weight (V, H)."""
+        bias = offset.to(out_weight.dtype) @ out_weight.T  # (B, V)
+        return logits + self.gate_values(hidden).to(logits.dtype) * bias[:, None, :].to(logits.dtype)
+
+
 def cache_to_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A transformers Cache (or legacy tuple) -> list of (k, v) per layer."""
     if hasattr(cache, "layers"):
@@ -124,10 +166,16 @@ def make_cache(prefix: list[tuple[torch.Tensor, torch.Tensor]], config):
 
 @dataclass
 class Conditioning:
-    """What conditions one forward/generation: a KV prefix and/or an embedding offset (either may be None)."""
+    """What conditions one forward/generation: a KV prefix, an embedding offset and/or an output offset (any may be None)."""
 
     prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     offset: torch.Tensor | None = None  # (B, 1, hidden)
+    output: torch.Tensor | None = None  # (B, hidden), applied by `output_head`
+    output_head: OutputOffset | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        return self.prefix is None and self.offset is None and self.output is None
 
     @property
     def prefix_len(self) -> int:
@@ -137,7 +185,8 @@ class Conditioning:
         idx = torch.as_tensor(index, dtype=torch.long)
         prefix = None if self.prefix is None else [(k[idx], v[idx]) for k, v in self.prefix]
         offset = None if self.offset is None else self.offset[idx]
-        return Conditioning(prefix, offset)
+        output = None if self.output is None else self.output[idx]
+        return Conditioning(prefix, offset, output, self.output_head)
 
 
 class ConditionedDecoder:
@@ -156,7 +205,7 @@ class ConditionedDecoder:
         **kwargs,
     ):
         """input_ids, attention_mask: (B, T). With `cond` None this is exactly `model(input_ids, attention_mask)`."""
-        if cond is None or (cond.prefix is None and cond.offset is None):
+        if cond is None or cond.is_empty:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache, **kwargs)
         P = cond.prefix_len
         B = input_ids.shape[0]
@@ -167,14 +216,27 @@ class ConditionedDecoder:
         # positions continue after the prefix and skip left padding
         position_ids = (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, P:]  # (B, T)
         cache = make_cache(cond.prefix, self.model.config) if cond.prefix is not None else None
-        return self.model(
+        want_hidden = bool(kwargs.pop("output_hidden_states", False))
+        out = self.model(
             inputs_embeds=embeds,
             attention_mask=full_mask,
             position_ids=position_ids,
             past_key_values=cache,
             use_cache=use_cache or cache is not None,
+            output_hidden_states=want_hidden or cond.output is not None,
             **kwargs,
         )
+        return self._apply_output(out, cond)
+
+    def _apply_output(self, out, cond: Conditioning | None):
+        """Add the gated output offset to `out.logits` (in place on the output object)."""
+        if cond is None or cond.output is None:
+            return out
+        if cond.output_head is None:
+            raise ValueError("Conditioning.output is set but output_head is None")
+        W = self.model.get_output_embeddings().weight  # (V, H)
+        out.logits = cond.output_head.apply(out.logits, out.hidden_states[-1], cond.output, W)
+        return out
 
     @torch.no_grad()
     def generate(
@@ -206,9 +268,12 @@ class ConditionedDecoder:
         if offset is not None:
             embeds = embeds + offset.to(embeds.dtype)
         kwargs = {"past_key_values": cache} if cache is not None else {}
+        want_hidden = cond is not None and cond.output is not None
         out = self.model(
-            inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids, use_cache=True, **kwargs
+            inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids, use_cache=True,
+            output_hidden_states=want_hidden, **kwargs,
         )
+        out = self._apply_output(out, cond)
         cache = out.past_key_values
         next_pos = position_ids[:, -1:] + 1  # (B, 1)
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
@@ -227,8 +292,10 @@ class ConditionedDecoder:
             if offset is not None:
                 e = e + offset.to(e.dtype)
             out = self.model(
-                inputs_embeds=e, attention_mask=full_mask, position_ids=next_pos, past_key_values=cache, use_cache=True
+                inputs_embeds=e, attention_mask=full_mask, position_ids=next_pos, past_key_values=cache, use_cache=True,
+                output_hidden_states=want_hidden,
             )
+            out = self._apply_output(out, cond)
             cache = out.past_key_values
             next_pos = next_pos + 1
             logits = out.logits[:, -1, :]

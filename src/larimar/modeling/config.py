@@ -32,6 +32,8 @@ class LarimarConfig:
     prefix_hidden: int = 256  # bottleneck of W_M (per slot)
     prefix_init_text: str = "\n"  # prefix starts as the decoder's own K/V of this text (see KVPrefix)
     embedding_offset: bool = True  # the official code's extra per-token embedding offset from z_r
+    output_offset: bool = False  # gated offset on the final hidden state (OutputOffset; our addition)
+    output_hidden: int = 1024  # inner width of the output offset's MLP
     # memory
     addressing: str = "reference"
     memory_prior: str = "zero"
@@ -60,7 +62,7 @@ class LarimarConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"LarimarConfig.{name}={value!r}: expected one of {allowed}")
-        for name in ("latent_size", "memory_size", "prefix_len", "prefix_hidden", "max_encoder_tokens"):
+        for name in ("latent_size", "memory_size", "prefix_len", "prefix_hidden", "output_hidden", "max_encoder_tokens"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"LarimarConfig.{name} must be positive, got {getattr(self, name)}")
         if self.ridge <= 0:

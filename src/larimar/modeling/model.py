@@ -21,7 +21,7 @@ from torch import nn
 from larimar.editing.scope import ScopeDetector
 from larimar.editing.store import FactMemory
 from larimar.memory import MemoryState
-from larimar.modeling.conditioning import Conditioning, ConditionedDecoder, EmbeddingOffset, KVPrefix, KVShape
+from larimar.modeling.conditioning import Conditioning, ConditionedDecoder, EmbeddingOffset, KVPrefix, KVShape, OutputOffset
 from larimar.modeling.config import LarimarConfig
 from larimar.modeling.encoder import LatentEncoder, check_texts, tokenize_truncating
 
@@ -65,6 +65,7 @@ class Larimar(nn.Module):
         self.kv_shape = KVShape.from_config(decoder.config)
         self.kv_prefix = KVPrefix(C, self.kv_shape, config.prefix_len, config.prefix_hidden)
         self.emb_offset = EmbeddingOffset(C, self.kv_shape.hidden_size) if config.embedding_offset else None
+        self.out_offset = OutputOffset(C, self.kv_shape.hidden_size, config.output_hidden) if config.output_offset else None
         # M0: learned prior / reference memory (K, C); rows ~ N(0, 1/C) so that ||M0 row|| ~ 1
         g = torch.Generator().manual_seed(0)
         self.M0 = nn.Parameter(torch.randn(K, C, generator=g) / math.sqrt(C))
@@ -231,10 +232,15 @@ class Larimar(nn.Module):
         return self.read_latents(self.encoder(queries))
 
     # ------------------------------------------------------------------ conditioning
-    def conditioning(self, z: torch.Tensor) -> Conditioning:
-        """(B, C) latents -> KV prefix (+ embedding offset)."""
+    def conditioning(self, z: torch.Tensor, q: torch.Tensor | None = None) -> Conditioning:
+        """(B, C) read-outs -> KV prefix (+ embedding offset, + gated output offset).
+
+        `q` (B, C): the queries' own latents, read by the output offset (pass them whenever the
+        prompts are known; None stands for zeros).
+        """
         offset = self.emb_offset(z) if self.emb_offset is not None else None
-        return Conditioning(self.kv_prefix(z), offset)
+        output = self.out_offset(z, q) if self.out_offset is not None else None
+        return Conditioning(self.kv_prefix(z), offset, output, self.out_offset)
 
     def _embed_for_scope(self, texts: list[str]) -> torch.Tensor:
         return self.encoder.embed(texts)
@@ -268,7 +274,8 @@ class Larimar(nn.Module):
         `embeddings` (Q, H): the prompts' pooled encoder embeddings if already computed (scope check).
         """
         e = self.encoder.embed(prompts) if embeddings is None else embeddings
-        return self.conditioning(self.read_latents(self.encoder.head(e)))
+        q = self.encoder.head(e)
+        return self.conditioning(self.read_latents(q), q)
 
     # ------------------------------------------------------------------ decoding
     def _tokenize_prompts(self, prompts: list[str], padding_side: str):

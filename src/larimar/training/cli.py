@@ -100,14 +100,63 @@ def run(args: argparse.Namespace) -> int:
     output = Path(train_cfg["output_dir"])
     output.mkdir(parents=True, exist_ok=True)
     module = LarimarLightning(model_cfg, train_cfg)
-    data = LarimarDataModule(train_cfg["data"])
-    trainer = build_trainer(train_cfg, output, fast_dev_run=args.fast_dev_run)
     last = output / "checkpoints" / "last.ckpt"
     ckpt = str(last) if last.is_file() and not args.no_resume and not args.fast_dev_run else None
-    if ckpt:
-        print(f"resuming from {ckpt}")
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt)
-    if not args.fast_dev_run and trainer.global_rank == 0:
-        export_adapter(module, output / "adapter")
-        print(f"adapter exported to {output / 'adapter'}")
+    ws_cfg = train_cfg["warmstart"]
+    if ws_cfg["steps"] > 0 and not args.fast_dev_run:
+        module.configure_model()
+        run_warmstart(module.model, train_cfg, output / "warmstart", resume=not args.no_resume)
+    if train_cfg["trainer"]["max_steps"] > 0:
+        data = LarimarDataModule(train_cfg["data"])
+        trainer = build_trainer(train_cfg, output, fast_dev_run=args.fast_dev_run)
+        if ckpt:
+            print(f"resuming from {ckpt}")
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+        if args.fast_dev_run or trainer.global_rank != 0:
+            return 0
+    module.configure_model()
+    export_adapter(module, output / "adapter")
+    print(f"adapter exported to {output / 'adapter'}")
     return 0
+
+
+def run_warmstart(model, train_cfg: dict, directory: Path, *, resume: bool = True) -> None:
+    """Stage 1 (decoder-free, `larimar.training.warmstart`); its result is saved to `directory` and reused."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from larimar.training.data import EpisodeSampler
+    from larimar.training.warmstart import build_set, train_warmstart
+
+    done = directory / "adapter.safetensors"
+    if resume and done.is_file():
+        print(f"warm start: reusing {done}")
+        model.load_adapter_state(load_file(str(done)))
+        return
+    w, d = train_cfg["warmstart"], train_cfg["data"]
+    torch.manual_seed(d["seed"])
+    sampler = EpisodeSampler(None, d["pararel_root"], split="train", fact_fraction=1.0, seed=d["seed"], exclude_eval_from=d.get("exclude_eval_from"))
+    distractors = None
+    if d.get("text_root") and w["distractor_sentence_prob"] > 0:
+        distractors = EpisodeSampler(d["text_root"], None, split="train", fact_fraction=0.0, seed=d["seed"]).texts
+    kw = dict(max_tokens=d["max_tokens"], distractor_sentences=distractors, distractor_prob=w["distractor_sentence_prob"])
+    train_set = build_set(model, sampler, w["items"], seed=d["seed"], **kw)
+    val_set = build_set(model, sampler, w["val_items"], seed=d["seed"] + 1, **kw)
+    history = train_warmstart(
+        model,
+        train_set,
+        steps=w["steps"],
+        lr=w["lr"],
+        items_per_step=w["items_per_step"],
+        rephrase_prob=w["rephrase_prob"],
+        distractor_prob=w["distractor_prob"],
+        context_weight=w["context_weight"],
+        val=val_set,
+        seed=d["seed"],
+        log_every=w["log_every"],
+    )
+    model.save_pretrained(directory)
+    (directory / "history.json").write_text(json.dumps(history, indent=1))
+    print(f"warm start saved to {directory}")

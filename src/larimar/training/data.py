@@ -130,6 +130,13 @@ class Relation:
         pattern, subject, obj = rng.choice(self.patterns), rng.choice(self.subjects), rng.choice(self.objects)
         return Item(pattern.replace("[X]", subject), " " + obj, "fact")
 
+    def sample_with_rephrase(self, rng: random.Random) -> tuple[Item, str]:
+        """A fact item and the same fact asked with another pattern (a paraphrased query), if the relation has one."""
+        pattern, subject, obj = rng.choice(self.patterns), rng.choice(self.subjects), rng.choice(self.objects)
+        others = [p for p in self.patterns if p != pattern]
+        other = rng.choice(others) if others else pattern
+        return Item(pattern.replace("[X]", subject), " " + obj, "fact"), other.replace("[X]", subject)
+
 
 def load_relations(pararel_root: str | Path, *, exclude_subjects: set[str] | None = None) -> dict[str, Relation]:
     """relation id -> Relation, from PARAREL patterns ending in '[Y].' and T-REx facts."""

@@ -60,6 +60,18 @@ TRAIN_DEFAULTS: dict[str, Any] = {
         "checkpoint_every_n_steps": 100,
         "gradient_clip_val": 1.0,
     },
+    "warmstart": {  # stage 1, decoder-free (larimar.training.warmstart); steps: 0 skips it
+        "steps": 0,
+        "items": 10000,
+        "val_items": 512,
+        "lr": 1e-3,
+        "items_per_step": 64,
+        "rephrase_prob": 0.5,
+        "distractor_prob": 0.25,
+        "context_weight": 0.1,
+        "distractor_sentence_prob": 0.5,  # rephrased queries preceded by an unrelated text sentence
+        "log_every": 100,
+    },
     "train_encoder": False,
     "output_dir": "runs/small",
 }
@@ -150,17 +162,19 @@ def tokenize_items(tokenizer, items: list[Item], max_tokens: int, context_weight
     return {"input_ids": ids.to(device), "attention_mask": att.to(device), "weights": w.to(device)}
 
 
-def memory_readout(Z: torch.Tensor, Q: torch.Tensor, M0: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def memory_readout(
+    Z: torch.Tensor, Q: torch.Tensor, M0: torch.Tensor, lam: float, M0_pinv: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable one-shot write of Z (E, C) with reference M0 (K, C), and read addresses for Q (E, C).
 
     Returns (w_q (E, K), M (K, C)); the read-out is z_r = (w_q + noise)·M. Runs in at least float32
     with autocast off: in bf16 the ridge λ (1e-3) vanishes next to O(1) Gram entries and repeated items
-    make the system singular.
+    make the system singular. `M0_pinv` (C, K): pass it to reuse one pseudo-inverse across episodes.
     """
     dtype = torch.promote_types(Z.dtype, torch.float32)
     with torch.autocast(device_type=Z.device.type, enabled=False):
         Z, Q = Z.to(dtype), Q.to(dtype)
-        M0_pinv = pinv(M0.to(dtype))  # (C, K)
+        M0_pinv = pinv(M0.to(dtype)) if M0_pinv is None else M0_pinv.to(dtype)  # (C, K)
         W = Z @ M0_pinv  # (E, K)
         Wq = Q @ M0_pinv  # (E, K)
         E = W.shape[0]
@@ -209,10 +223,12 @@ class LarimarLightning(L.LightningModule):
         log_sigma = m.log_sigma_w
         w = Wq + torch.exp(log_sigma) * torch.randn_like(Wq) if self.training else Wq
         z_r = w @ M  # (E, C), float32
-        z_all = torch.cat([z_r, Z[:n_ae], torch.zeros(len(lm_items), Z.shape[1], device=Z.device)])
+        zeros = torch.zeros(len(lm_items), Z.shape[1], device=Z.device)
+        z_all = torch.cat([z_r, Z[:n_ae], zeros])
+        q_all = torch.cat([Q, Q[:n_ae], zeros])  # the queries' own latents (output offset)
         rows = list(items) + list(items[:n_ae]) + list(lm_items)
         tok = tokenize_items(m.tokenizer, rows, d["max_tokens"], d["context_weight"], Z.device)
-        cond = m.conditioning(z_all)
+        cond = m.conditioning(z_all, q_all)
         logits = m.runner.forward(tok["input_ids"], tok["attention_mask"], cond).logits  # (B, T, V)
         ids, wts = tok["input_ids"], tok["weights"]
         E = len(items)
@@ -259,6 +275,8 @@ class LarimarLightning(L.LightningModule):
         ]
         if m.emb_offset is not None:
             groups.append({"params": list(m.emb_offset.parameters()), "lr": o["lr"]})
+        if m.out_offset is not None:
+            groups.append({"params": list(m.out_offset.parameters()), "lr": o.get("output_lr", o["lr"])})
         if self.train_cfg["train_encoder"]:
             groups.append({"params": list(m.encoder.model.parameters()), "lr": o["encoder_lr"]})
         opt = torch.optim.AdamW(groups, weight_decay=o["weight_decay"])

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The exact commands behind the README's result tables, in priority order. Every command is resumable:
+# re-running this script continues where it stopped. Usage: scripts/results.sh [RESULTS_DIR]
+# Summaries are copied to reports/ by `scripts/collect_reports.sh`.
+set -u
+R=${1:-results}
+L="${LARIMAR:-.venv/bin/larimar}"
+run() { echo "=== $(date +%T) larimar $*"; "$L" "$@" --no-progress || echo "!!! failed: larimar $*"; }
+run eval modelcard   --out "$R/modelcard"
+run eval counterfact --method larimar  --n 500 --out "$R/cf_larimar"
+run eval counterfact --method unedited --n 500 --out "$R/cf_unedited"
+run eval timing      --n 10 --out "$R/timing"
+run eval zsre        --method larimar  --n 200 --out "$R/zsre_larimar"
+run eval zsre        --method unedited --n 200 --out "$R/zsre_unedited"
+run eval counterfact --method larimar  --n 500 --out "$R/cf_larimar_noscope" --set scope_detector=false
+run eval counterfact --method prompt   --n 100 --out "$R/cf_prompt"
+run eval counterfact --method ike      --n 100 --out "$R/cf_ike"
+run eval counterfact --method grace    --n 100 --out "$R/cf_grace"
+run eval counterfact --method ft_l     --n 30  --out "$R/cf_ft_l"
+run eval counterfact --method rome     --n 30  --out "$R/cf_rome"
+run eval counterfact --method larimar  --n 500 --out "$R/cf_larimar_1reph" --set n_rephrases=1
+run eval sequential  --n 1000 --eval-max 200 --methods larimar --out "$R/sequential"
+run eval forget      --n 5 --out "$R/forget"
+run eval batch       --eval-n 100 --out "$R/batch"
+run eval robustness  --n 50 --out "$R/robustness"
+run eval longctx     --n 20 --out "$R/longctx"
+run eval leakage     --n 50 --systems base,larimar --out "$R/leakage"
+run eval rephrase    --max-writes 1000 --out "$R/rephrase"
+run eval sequential  --n 100 --eval-max 100 --methods grace --out "$R/sequential_grace100"
+echo "=== $(date +%T) done"

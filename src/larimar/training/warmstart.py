@@ -1,0 +1,312 @@
+"""Stage 1 of `larimar train`: a decoder-free warm start of the memory -> answer path.
+
+Back-propagating through a frozen 135M decoder costs ~1-2 s per episode on a 2-core CPU, and the KV
+prefix learns to carry an exact object word only after thousands of such steps. The output offset
+(`larimar.modeling.conditioning.OutputOffset`) acts after the decoder's last layer, so its loss can be
+computed from *cached* final hidden states: the decoder runs once per training item, forward only, and
+every later step costs a few matrix products. This stage trains, on the same generic data and the same
+memory algebra as Eq. 1 (never on edits):
+
+    the encoder head, the reference memory M0 and the output offset (gate + MLP),
+
+so that after a one-shot write of an episode of E fact sentences and a read with each fact's query (or
+another phrasing of it), the gated offset makes the decoder emit the stored object:
+
+    logits_t = W_out h_t + gate(h_t) * W_out g(z_r)          (h_t: final hidden state, cached)
+    loss     = CE on the object tokens (+ a small weight on query tokens, which teaches the gate to stay
+               shut where no object is due) + KL(base || conditioned) on *distractor* queries, whose
+               fact is not in memory (they must keep the base model's answer).
+
+Stage 2 (the Lightning loop, `larimar.training.module`) then trains everything end to end through the
+decoder, starting from here.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from larimar.memory import pinv
+from larimar.modeling.conditioning import Conditioning
+from larimar.training.data import EpisodeSampler
+from larimar.training.module import memory_readout
+
+
+@dataclass
+class WarmstartSet:
+    """Cached inputs for stage 1. N items, R loss rows (positions)."""
+
+    emb_text: torch.Tensor  # (N, H_enc) encoder embeddings of "query + object"
+    emb_query: torch.Tensor  # (N, H_enc) of the query
+    emb_rephrase: torch.Tensor  # (N, H_enc) of the same fact asked with another pattern (maybe after a distractor sentence)
+    hidden: torch.Tensor  # (R, H) decoder's final hidden state at each loss position (empty-memory prefix)
+    target: torch.Tensor  # (R,) the next token at that position
+    is_object: torch.Tensor  # (R,) bool: the position predicts an object token (else a query token)
+    row_item: torch.Tensor  # (R,) item index of each row
+    row_variant: torch.Tensor  # (R,) 0: the row comes from "query + object", 1: from "rephrased query + object"
+
+    def __len__(self) -> int:
+        return self.emb_text.shape[0]
+
+
+def _report(msg: str, progress: bool) -> None:
+    if progress:
+        print(msg, flush=True)
+
+
+@torch.no_grad()
+def build_set(
+    model,
+    sampler: EpisodeSampler,
+    n_items: int,
+    *,
+    max_tokens: int = 32,
+    context_positions: int = 2,
+    batch_size: int = 64,
+    seed: int = 0,
+    distractor_sentences: list[str] | None = None,
+    distractor_prob: float = 0.5,
+    progress: bool = True,
+) -> WarmstartSet:
+    """Draw `n_items` fact items from `sampler`, encode them and cache the decoder's final hidden states.
+
+    Each item is cached twice: as "query + object" and as "rephrased query + object", where the
+    rephrased query is another pattern for the same subject, preceded with probability
+    `distractor_prob` by an unrelated sentence from `distractor_sentences` (users -- and CounterFact's
+    paraphrase prompts -- often ask after some other text).
+    """
+    if not sampler.relations:
+        raise ValueError("warm start needs fact relations (train.data.pararel_root)")
+    rng = random.Random(seed)
+    pairs = [rng.choice(sampler.relations).sample_with_rephrase(rng) for _ in range(n_items)]
+    items = [p[0] for p in pairs]
+    rephrased = []
+    for _, alt in pairs:
+        if distractor_sentences and rng.random() < distractor_prob:
+            alt = rng.choice(distractor_sentences) + " " + alt
+        rephrased.append(alt)
+    t0 = time.perf_counter()
+    emb_text = model.encoder.embed([it.text for it in items]).float()
+    emb_query = model.encoder.embed([it.query for it in items]).float()
+    emb_reph = model.encoder.embed(rephrased).float()
+    _report(f"warm start: encoded {n_items} items in {time.perf_counter() - t0:.0f} s", progress)
+    tok = model.tokenizer
+    hidden, target, is_obj, row_item, row_variant = [], [], [], [], []
+    device = model.device
+    t0 = time.perf_counter()
+    texts = [(it.query, it.continuation, i, 0) for i, it in enumerate(items)]
+    texts += [(alt, it.continuation, i, 1) for i, (it, alt) in enumerate(zip(items, rephrased))]
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        rows, n_qs = [], []
+        for query, cont, _, _ in chunk:
+            q = tok(query, add_special_tokens=False)["input_ids"]
+            whole = tok(query + cont + ".", add_special_tokens=False)["input_ids"]
+            full = whole[-max_tokens:]  # cut from the left: the object must stay
+            rows.append(full)
+            n_q = len(q) - (len(whole) - len(full))  # query tokens left in `full`
+            n_qs.append(max(1, min(n_q, len(full) - 1)))
+        T = max(len(r) for r in rows)
+        ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
+        att = torch.zeros((len(rows), T), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            att[i, : len(r)] = 1
+        cond = Conditioning(prefix=model.kv_prefix(None, batch_size=len(rows)))
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cpu"):
+            out = model.runner.forward(ids.to(device), att.to(device), cond, output_hidden_states=True)
+        h = out.hidden_states[-1].float()  # (B, T, H), after the final norm
+        for i, ((_, _, item, variant), r, n_q) in enumerate(zip(chunk, rows, n_qs)):
+            ctx = list(range(0, max(0, n_q - 1)))
+            picks = [(t, True) for t in range(max(0, n_q - 1), len(r) - 2)]  # positions predicting object tokens
+            picks.append((len(r) - 2, False))  # the position after the object (predicts "."): the gate must close
+            picks += [(t, False) for t in rng.sample(ctx, min(context_positions, len(ctx)))]
+            for t, obj in picks:
+                hidden.append(h[i, t].to(torch.bfloat16).cpu())
+                target.append(r[t + 1])
+                is_obj.append(obj)
+                row_item.append(item)
+                row_variant.append(variant)
+        if progress and (start // batch_size) % 50 == 0:
+            done = min(start + batch_size, len(texts))
+            _report(f"warm start: decoder states {done}/{len(texts)} ({time.perf_counter() - t0:.0f} s)", progress)
+    return WarmstartSet(
+        emb_text.cpu(),
+        emb_query.cpu(),
+        emb_reph.cpu(),
+        torch.stack(hidden),
+        torch.tensor(target),
+        torch.tensor(is_obj),
+        torch.tensor(row_item),
+        torch.tensor(row_variant),
+    )
+
+
+def _rows_by_item(ws: WarmstartSet) -> list[torch.Tensor]:
+    """Row indices of item i's variant v at position 2 i + v."""
+    key = ws.row_item * 2 + ws.row_variant
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=2 * len(ws))
+    return list(torch.split(order, counts.tolist()))
+
+
+def warmstart_loss(
+    model,
+    ws: WarmstartSet,
+    rows_of: list[torch.Tensor],
+    episodes: list[list[int]],
+    *,
+    rephrase: list[list[bool]],
+    distractors: list[list[int]],
+    context_weight: float = 0.1,
+    noise: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Loss of the output path for a set of episodes (lists of item indices).
+
+    `rephrase[e][j]`: query item j of episode e with its other phrasing; `distractors[e]`: items *not*
+    written in episode e that are queried too (their loss keeps the base model's prediction).
+    """
+    head, M0, lam = model.encoder.head, model.M0, model.config.ridge
+    W = model.decoder.get_output_embeddings().weight  # (V, H), frozen
+    dev = M0.device
+    z_parts, q_parts, q_rows, q_is_distractor = [], [], [], []  # q_rows: key 2 * item + variant of each query
+    with torch.autocast(device_type=dev.type, enabled=False):
+        M0_pinv = pinv(M0.float())  # (C, K), once for all episodes
+    for items, reph, dis in zip(episodes, rephrase, distractors):
+        idx = torch.tensor(items)
+        Z = head(ws.emb_text[idx].to(dev))  # (E, C)
+        qe = torch.stack([ws.emb_rephrase[i] if r else ws.emb_query[i] for i, r in zip(items, reph)] + [ws.emb_query[i] for i in dis])
+        Q = head(qe.to(dev))  # (E + D, C)
+        Wq, M = memory_readout(Z, Q, M0, lam, M0_pinv)
+        if noise:
+            Wq = Wq + torch.exp(model.log_sigma_w) * torch.randn_like(Wq)
+        z_parts.append(Wq @ M)  # (E + D, C)
+        q_parts.append(Q)
+        q_rows += [2 * i + int(r) for i, r in zip(items, reph)] + [2 * i for i in dis]
+        q_is_distractor += [False] * len(items) + [True] * len(dis)
+    z_r = torch.cat(z_parts)  # (Nq, C)
+    offset = model.out_offset(z_r, torch.cat(q_parts))  # (Nq, H)
+    # loss rows: every cached position of every queried item
+    row_idx, row_q = [], []
+    for qi, key in enumerate(q_rows):
+        r = rows_of[key]
+        row_idx.append(r)
+        row_q.append(torch.full((len(r),), qi, dtype=torch.long))
+    row_idx, row_q = torch.cat(row_idx), torch.cat(row_q)
+    h = ws.hidden[row_idx].to(dev).float()  # (R, H)
+    tgt = ws.target[row_idx].to(dev)
+    obj = ws.is_object[row_idx].to(dev)
+    dis = torch.tensor(q_is_distractor, device=dev)[row_q]
+    fast = dev.type == "cpu"  # bf16 matmuls (AMX) for the two vocabulary-sized products; softmax in fp32
+    Wl = W.to(torch.bfloat16) if fast else W.float()
+    with torch.no_grad():
+        base = (h.to(Wl.dtype) @ Wl.T).float()  # (R, V)
+    bias = (offset.to(Wl.dtype) @ Wl.T).float()  # (Nq, V)
+    logits = base + model.out_offset.gate_values(h).float() * bias[row_q]
+    logp = logits.log_softmax(-1)
+    ce = -logp.gather(1, tgt[:, None]).squeeze(1)  # (R,)
+    w = torch.where(obj, torch.ones_like(ce), torch.full_like(ce, context_weight)) * (~dis).float()
+    out = {"ce_object": (ce * w).sum() / w.sum().clamp(min=1e-8)}
+    d_rows = dis & obj
+    if bool(d_rows.any()):
+        base_logp = base[d_rows].log_softmax(-1)
+        kl = (base_logp.exp() * (base_logp - logp[d_rows])).sum(-1)
+        out["kl_distractor"] = kl.mean()
+    else:
+        out["kl_distractor"] = torch.zeros((), device=dev)
+    first = obj & ~dis
+    first_rows = first & torch.cat([torch.tensor([True], device=dev), row_q[1:] != row_q[:-1]])  # first row of each query
+    if bool(first_rows.any()):
+        out["acc_object"] = (logits[first_rows].argmax(-1) == tgt[first_rows]).float().mean()
+    out["loss"] = out["ce_object"] + out["kl_distractor"]
+    return out
+
+
+def sample_episodes(
+    rng: random.Random, n_items: int, items_per_step: int, episode_sizes: tuple[int, ...], rephrase_prob: float, distractor_prob: float
+) -> tuple[list[list[int]], list[list[bool]], list[list[int]]]:
+    episodes, reph, dis = [], [], []
+    total = 0
+    while total < items_per_step:
+        E = min(rng.choice(episode_sizes), n_items)
+        items = rng.sample(range(n_items), E)
+        episodes.append(items)
+        reph.append([rng.random() < rephrase_prob for _ in items])
+        n_d = sum(rng.random() < distractor_prob for _ in items)
+        dis.append(rng.sample(range(n_items), n_d))
+        total += E
+    return episodes, reph, dis
+
+
+def train_warmstart(
+    model,
+    ws: WarmstartSet,
+    *,
+    steps: int = 2000,
+    lr: float = 1e-3,
+    items_per_step: int = 64,
+    episode_sizes: tuple[int, ...] = (1, 2, 4, 8, 16),
+    rephrase_prob: float = 0.5,
+    distractor_prob: float = 0.25,
+    context_weight: float = 0.1,
+    val: WarmstartSet | None = None,
+    seed: int = 0,
+    log_every: int = 100,
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Train encoder head, M0 and the output offset on cached states. Returns the logged history."""
+    if model.out_offset is None:
+        raise ValueError("warm start trains the output offset: set output_offset: true in the model config")
+    rng = random.Random(seed)
+    rows_of = _rows_by_item(ws)
+    params = list(model.out_offset.parameters()) + list(model.encoder.head.parameters()) + [model.M0]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+    history: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+    running: dict[str, float] = {}
+    for step in range(1, steps + 1):
+        eps, reph, dis = sample_episodes(rng, len(ws), items_per_step, episode_sizes, rephrase_prob, distractor_prob)
+        out = warmstart_loss(model, ws, rows_of, eps, rephrase=reph, distractors=dis, context_weight=context_weight)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        for k, v in out.items():
+            running[k] = running.get(k, 0.0) + float(v.detach())
+        if step % log_every == 0 or step == steps:
+            n = log_every if step % log_every == 0 else step % log_every
+            rec = {"step": step, "minutes": (time.perf_counter() - t0) / 60, **{k: v / n for k, v in running.items()}}
+            running = {}
+            if val is not None:
+                rec.update({f"val_{k}": v for k, v in evaluate_warmstart(model, val).items()})
+            history.append(rec)
+            _report("warm start " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()), progress)
+    return history
+
+
+@torch.no_grad()
+def evaluate_warmstart(model, ws: WarmstartSet, *, episode_size: int = 16, seed: int = 1234) -> dict[str, float]:
+    """Object accuracy after writing fixed episodes of `episode_size` held-out facts (query and rephrase)."""
+    rng = random.Random(seed)
+    rows_of = _rows_by_item(ws)
+    episode_size = min(episode_size, len(ws))
+    idx = list(range(len(ws)))
+    rng.shuffle(idx)
+    eps = [idx[i : i + episode_size] for i in range(0, len(idx) - episode_size + 1, episode_size)]
+    res = {}
+    for name, r in (("acc_query", False), ("acc_rephrase", True)):
+        out = warmstart_loss(model, ws, rows_of, eps, rephrase=[[r] * len(e) for e in eps], distractors=[[] for _ in eps], noise=False)
+        res[name] = float(out["acc_object"])
+    others = [[j for j in idx if j not in set(e)] for e in eps]
+    if all(others):  # a held-out fact queried against each episode's memory
+        dis = [[rng.choice(o)] for o in others]
+        out = warmstart_loss(model, ws, rows_of, eps, rephrase=[[False] * len(e) for e in eps], distractors=dis, noise=False)
+        res["kl_distractor"] = float(out["kl_distractor"])
+    return res
