@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from larimar.training.data import Item
+from larimar.training.module import right_pad
 
 
 @torch.no_grad()
@@ -46,12 +47,7 @@ def continuation_stats(
             full = tok(it.text, add_special_tokens=False)["input_ids"][: model.config.max_decoder_tokens]
             rows.append(full)
             n_qs.append(min(len(q_ids), len(full) - 1))
-        T = max(len(r) for r in rows)
-        ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
-        att = torch.zeros((len(rows), T), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            att[i, : len(r)] = 1
+        ids, att = right_pad(rows, tok.pad_token_id)  # (B, T) each
         ids, att = ids.to(model.device), att.to(model.device)
         sl = slice(start, start + batch_size)
         cond = None if z is None else model.conditioning(z[sl].to(model.device), None if q is None else q[sl].to(model.device))

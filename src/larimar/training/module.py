@@ -150,16 +150,22 @@ def tokenize_items(tokenizer, items: list[Item], max_tokens: int, context_weight
         n_q = min(len(q), len(full))
         rows.append(full)
         weights.append([context_weight] * n_q + [1.0] * (len(full) - n_q))
-    T = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
-    ids = torch.full((len(rows), T), pad, dtype=torch.long)
-    att = torch.zeros((len(rows), T), dtype=torch.long)
-    w = torch.zeros((len(rows), T))
-    for i, (r, wt) in enumerate(zip(rows, weights)):
-        ids[i, : len(r)] = torch.tensor(r)
-        att[i, : len(r)] = 1
-        w[i, : len(r)] = torch.tensor(wt)
+    ids, att = right_pad(rows, tokenizer.pad_token_id)
+    w = torch.zeros(ids.shape)
+    for i, wt in enumerate(weights):
+        w[i, : len(wt)] = torch.tensor(wt)
     return {"input_ids": ids.to(device), "attention_mask": att.to(device), "weights": w.to(device)}
+
+
+def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists -> right-padded input_ids and attention_mask, each (B, T) with T the longest row."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    att = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        att[i, : len(r)] = 1
+    return ids, att
 
 
 def memory_readout(

@@ -34,7 +34,7 @@ from torch import nn
 from larimar.memory import pinv
 from larimar.modeling.conditioning import Conditioning
 from larimar.training.data import EpisodeSampler
-from larimar.training.module import memory_readout
+from larimar.training.module import memory_readout, right_pad
 
 
 @dataclass
@@ -111,12 +111,7 @@ def build_set(
             rows.append(full)
             n_q = len(q) - (len(whole) - len(full))  # query tokens left in `full`
             n_qs.append(max(1, min(n_q, len(full) - 1)))
-        T = max(len(r) for r in rows)
-        ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
-        att = torch.zeros((len(rows), T), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            att[i, : len(r)] = 1
+        ids, att = right_pad(rows, tok.pad_token_id)  # (B, T) each
         cond = Conditioning(prefix=model.kv_prefix(None, batch_size=len(rows)))
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cpu"):
             out = model.runner.forward(ids.to(device), att.to(device), cond, output_hidden_states=True)
