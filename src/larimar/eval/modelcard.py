@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from larimar.training.data import Item
-from larimar.training.module import right_pad
 
 
 @torch.no_grad()
@@ -33,33 +32,32 @@ def continuation_stats(
 ) -> tuple[float, float, int]:
     """Teacher-forced stats of each item's continuation given its query, conditioned on z (N, C) or plain.
 
-    `q` (N, C): the queries' latents for the output offset (None: zeros).
+    `q` (N, C): the queries' latents for the output offset (None: zeros). The text is tokenised as a
+    whole and its first len(tokens(query)) tokens (at least one) are the prompt; the rest is scored
+    with `larimar.eval.scoring.score_token_ids`.
 
     Returns (sum of NLL, number of correct argmax tokens, number of tokens).
     """
+    from larimar.eval.scoring import score_token_ids
+
     tok = model.tokenizer
-    nll, correct, count = 0.0, 0, 0
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        rows, n_qs = [], []
-        for it in chunk:
-            q_ids = tok(it.query, add_special_tokens=False)["input_ids"]
-            full = tok(it.text, add_special_tokens=False)["input_ids"][: model.config.max_decoder_tokens]
-            rows.append(full)
-            n_qs.append(min(len(q_ids), len(full) - 1))
-        ids, att = right_pad(rows, tok.pad_token_id)  # (B, T) each
-        ids, att = ids.to(model.device), att.to(model.device)
-        sl = slice(start, start + batch_size)
-        cond = None if z is None else model.conditioning(z[sl].to(model.device), None if q is None else q[sl].to(model.device))
-        logp = model.runner.forward(ids, att, cond).logits.float().log_softmax(-1)  # (B, T, V)
-        for i, (r, n_q) in enumerate(zip(rows, n_qs)):
-            pos = torch.arange(max(n_q - 1, 0), len(r) - 1, device=ids.device)  # positions predicting the continuation
-            tgt = ids[i, pos + 1]
-            lp = logp[i, pos]
-            nll += float(-lp.gather(1, tgt[:, None]).sum())
-            correct += int((lp.argmax(-1) == tgt).sum())
-            count += len(pos)
-    return nll, correct, count
+    sequences = []
+    for it in items:
+        n_q = len(tok(it.query, add_special_tokens=False)["input_ids"])
+        full = tok(it.text, add_special_tokens=False)["input_ids"][: model.config.max_decoder_tokens]
+        n_q = max(1, min(n_q, len(full) - 1))
+        sequences.append((full[:n_q], full[n_q:]))
+    forward = None
+    if z is not None:
+        cond = model.conditioning(z.to(model.device), None if q is None else q.to(model.device))
+
+        def forward(input_ids, attention_mask, batch_index):
+            return model.runner.forward(input_ids, attention_mask, cond.select(batch_index)).logits
+
+    stats = score_token_ids(model.decoder, sequences, pad_token_id=tok.pad_token_id, batch_size=batch_size, forward_fn=forward)
+    nll = sum(float(-s.logprobs.sum()) for s in stats)
+    correct = sum(int(s.correct.sum()) for s in stats)
+    return nll, correct, sum(len(s.target_ids) for s in stats)
 
 
 @torch.no_grad()

@@ -12,8 +12,8 @@ Design:
   started at zero.
 - `EmbeddingOffset` (optional, as the official code's "latent as embedding"): a per-token offset
   added to every input embedding; with tied embeddings it is a direct path to the output.
-- `OutputOffset` (optional, our addition): a gated offset g(z_r) on the decoder's final hidden state,
-  i.e. logits += gate(h_t) * W_out g(z_r). It is the shortest path from memory to the answer and can be
+- `OutputOffset` (optional, our addition): a gated offset on the decoder's final hidden state,
+  i.e. logits += gate(h_t) * W_out (g(z_r, q) - g(0, q)), q the query's own latent. It is the shortest path from memory to the answer and can be
   trained without backpropagating through the decoder (see `larimar.training.warmstart`); the gate, read
   from each position's own final hidden state, opens where the memory's content is due.
 - `ConditionedDecoder` runs forward passes and a KV-cached generation loop with or without the

@@ -12,10 +12,12 @@ memory algebra as Eq. 1 (never on edits):
 so that after a one-shot write of an episode of E fact sentences and a read with each fact's query (or
 another phrasing of it), the gated offset makes the decoder emit the stored object:
 
-    logits_t = W_out h_t + gate(h_t) * W_out g(z_r)          (h_t: final hidden state, cached)
-    loss     = CE on the object tokens (+ a small weight on query tokens, which teaches the gate to stay
-               shut where no object is due) + KL(base || conditioned) on *distractor* queries, whose
-               fact is not in memory (they must keep the base model's answer).
+    logits_t = W_out h_t + gate(h_t) * W_out (g(z_r, q) - g(0, q))    (h_t: final hidden state, cached;
+                                                                       q: the query's own latent)
+    loss     = CE on the object tokens (+ a small weight on query tokens and on the token after the
+               object, which teaches the gate to stay shut where no object is due) + KL(base ||
+               conditioned) on *distractor* queries, whose fact is not in memory (they must keep the
+               base model's answer).
 
 Stage 2 (the Lightning loop, `larimar.training.module`) then trains everything end to end through the
 decoder, starting from here.
