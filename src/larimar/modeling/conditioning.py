@@ -116,7 +116,8 @@ class OutputOffset(nn.Module):
     The offset sees the read-out z_r *and* the query's own latent q: a sentence encoding is dominated by
     what the query already says (subject, relation), and the memory's news (the object) is what z_r adds
     to it. `forward(z, q)` returns g(z, q) - g(0, q), so an all-zero read-out (empty memory) changes nothing.
-    `apply(logits, hidden, offset, W_out)`: logits (B, T, V) + sigmoid(gate(norm(h_t))) * (offset @ W_outᵀ).
+    `apply(logits, hidden, bias)`: logits (B, T, V) + sigmoid(gate(norm(h_t))) * bias, with
+    bias = `logit_bias(offset, W_out)` = offset @ W_outᵀ (B, V), computed once per forward or generation.
     The last layer starts at zero: an untrained offset leaves the logits unchanged.
     """
 
@@ -142,9 +143,13 @@ class OutputOffset(nn.Module):
         h = nn.functional.normalize(hidden.float(), dim=-1).to(self.gate.weight.dtype)
         return torch.sigmoid(self.gate(h))
 
-    def apply(self, logits: torch.Tensor, hidden: torch.Tensor, offset: torch.Tensor, out_weight: torch.Tensor) -> torch.Tensor:
-        """logits (B, T, V), hidden (B, T, H) final hidden states, offset (B, H), out_weight (V, H)."""
-        bias = offset.to(out_weight.dtype) @ out_weight.T  # (B, V)
+    @staticmethod
+    def logit_bias(offset: torch.Tensor, out_weight: torch.Tensor) -> torch.Tensor:
+        """offset (B, H), out_weight (V, H) -> (B, V): the offset as logits (constant over positions)."""
+        return offset.to(out_weight.dtype) @ out_weight.T
+
+    def apply(self, logits: torch.Tensor, hidden: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """logits (B, T, V), hidden (B, T, H) final hidden states, bias (B, V) from `logit_bias`."""
         return logits + self.gate_values(hidden).to(logits.dtype) * bias[:, None, :].to(logits.dtype)
 
 
@@ -226,16 +231,20 @@ class ConditionedDecoder:
             output_hidden_states=want_hidden or cond.output is not None,
             **kwargs,
         )
-        return self._apply_output(out, cond)
+        return self._apply_output(out, cond, self._output_bias(cond))
 
-    def _apply_output(self, out, cond: Conditioning | None):
-        """Add the gated output offset to `out.logits` (in place on the output object)."""
+    def _output_bias(self, cond: Conditioning | None) -> torch.Tensor | None:
+        """(B, V) logit bias of the conditioning's output offset (None without one)."""
         if cond is None or cond.output is None:
-            return out
+            return None
         if cond.output_head is None:
             raise ValueError("Conditioning.output is set but output_head is None")
-        W = self.model.get_output_embeddings().weight  # (V, H)
-        out.logits = cond.output_head.apply(out.logits, out.hidden_states[-1], cond.output, W)
+        return cond.output_head.logit_bias(cond.output, self.model.get_output_embeddings().weight)
+
+    def _apply_output(self, out, cond: Conditioning | None, bias: torch.Tensor | None):
+        """Add the gated output offset (`bias` from `_output_bias`) to `out.logits`, in place on the output object."""
+        if bias is not None:
+            out.logits = cond.output_head.apply(out.logits, out.hidden_states[-1], bias)
         return out
 
     @torch.no_grad()
@@ -269,11 +278,12 @@ class ConditionedDecoder:
             embeds = embeds + offset.to(embeds.dtype)
         kwargs = {"past_key_values": cache} if cache is not None else {}
         want_hidden = cond is not None and cond.output is not None
+        bias = self._output_bias(cond)  # (B, V) once per call: constant over the generated positions
         out = self.model(
             inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids, use_cache=True,
             output_hidden_states=want_hidden, **kwargs,
         )
-        out = self._apply_output(out, cond)
+        out = self._apply_output(out, cond, bias)
         cache = out.past_key_values
         next_pos = position_ids[:, -1:] + 1  # (B, 1)
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
@@ -295,7 +305,7 @@ class ConditionedDecoder:
                 inputs_embeds=e, attention_mask=full_mask, position_ids=next_pos, past_key_values=cache, use_cache=True,
                 output_hidden_states=want_hidden,
             )
-            out = self._apply_output(out, cond)
+            out = self._apply_output(out, cond, bias)
             cache = out.past_key_values
             next_pos = next_pos + 1
             logits = out.logits[:, -1, :]
