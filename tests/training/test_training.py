@@ -214,3 +214,50 @@ def test_run_warmstart_saves_and_resumes(corpus, tmp_path):
     run_warmstart(m2, cfg, tmp_path / "ws")  # reuses the saved result instead of training again
     for k, v in saved.items():
         assert torch.equal(m2.adapter_state()[k], v), k
+
+
+def test_memory_readout_keyed_write_answers_exact_keys():
+    """Keyed write: W from the keys; reading with a key returns (about) its own Z row, not the key."""
+    g = torch.Generator().manual_seed(0)
+    M0 = torch.randn(32, 12, generator=g, dtype=torch.float64)
+    Z, keys = torch.randn(5, 12, generator=g, dtype=torch.float64), torch.randn(5, 12, generator=g, dtype=torch.float64)
+    Wq, M = memory_readout(Z, keys, M0, 1e-9, keys=keys)
+    torch.testing.assert_close(Wq @ M, Z, atol=1e-5, rtol=1e-5)
+    W = keys @ torch.linalg.pinv(M0)  # independent formula: ridge solution M = W^T (W W^T + lam I)^-1 Z
+    torch.testing.assert_close(M, W.T @ torch.linalg.solve(W @ W.T + 1e-9 * torch.eye(5, dtype=torch.float64), Z))
+    _, M_auto = memory_readout(Z, keys, M0, 1e-9)  # without keys the rows address themselves
+    assert not torch.allclose(M_auto, M)
+
+
+def test_sample_episodes_large_keyed_episode():
+    import random
+
+    from larimar.training.warmstart import sample_episodes
+
+    rng = random.Random(0)
+    for _ in range(20):
+        eps = sample_episodes(rng, 1000, 64, (4, 8), 0.5, 0.25, keyed_prob=0.0, large_prob=1.0, large_max=300, large_query_items=16)
+        big = eps[0]
+        assert big.keyed and 64 <= len(big.items) <= 300 and big.queried == big.items[:16]
+        assert len(set(big.items)) == len(big.items)
+        assert not any(e.keyed for e in eps[1:])  # keyed_prob 0: the small episodes stay auto-associative
+        assert sum(len(e.queried) for e in eps) >= 64
+        assert all(len(e.rephrase) == len(e.queried) for e in eps)
+    small = sample_episodes(rng, 3, 8, (16,), 0.0, 0.0, large_prob=1.0, large_query_items=2)  # fewer items than 64
+    assert len(small[0].items) == 3 and small[0].keyed
+
+
+def test_warmstart_keyed_loss_falls(corpus):
+    from larimar.training.warmstart import build_set, evaluate_warmstart, train_warmstart
+
+    _, pr = corpus
+    torch.manual_seed(0)
+    m = tiny_output_model()
+    sampler = EpisodeSampler(None, pr, fact_fraction=1.0, val_fraction=0.0)
+    ws = build_set(m, sampler, 4, max_tokens=32, progress=False)
+    hist = train_warmstart(m, ws, steps=100, lr=1e-2, items_per_step=4, episode_sizes=(4,), rephrase_prob=0.0,
+                           distractor_prob=0.0, keyed_prob=1.0, large_episode_prob=0.5, large_query_items=2,
+                           log_every=20, progress=False)
+    assert hist[-1]["ce_object"] < 0.5 * hist[0]["ce_object"], [h["ce_object"] for h in hist]
+    assert {"val_keyed_acc_query"} <= set(train_warmstart(m, ws, steps=1, val=ws, keyed_prob=1.0, log_every=1, progress=False)[0])
+    assert 0 <= evaluate_warmstart(m, ws, episode_size=4, keyed=True, max_queried=2)["acc_query"] <= 1

@@ -142,8 +142,19 @@ def run_warmstart(model, train_cfg: dict, directory: Path, *, resume: bool = Tru
     if d.get("text_root") and w["distractor_sentence_prob"] > 0:
         distractors = EpisodeSampler(d["text_root"], None, split="train", fact_fraction=0.0, seed=d["seed"]).texts
     kw = dict(max_tokens=d["max_tokens"], distractor_sentences=distractors, distractor_prob=w["distractor_sentence_prob"])
-    train_set = build_set(model, sampler, w["items"], seed=d["seed"], **kw)
-    val_set = build_set(model, sampler, w["val_items"], seed=d["seed"] + 1, **kw)
+    cache = directory / "sets.pt"  # the cached decoder states (the costly part), kept for reruns
+    key = {"items": w["items"], "val_items": w["val_items"], "seed": d["seed"], **{k: v for k, v in kw.items() if k != "distractor_sentences"}}
+    sets = torch.load(cache, weights_only=False) if resume and cache.is_file() else None
+    if sets is not None and sets.get("key") == key:
+        print(f"warm start: reusing cached decoder states {cache}")
+        train_set, val_set = sets["train"], sets["val"]
+    else:
+        train_set = build_set(model, sampler, w["items"], seed=d["seed"], **kw)
+        val_set = build_set(model, sampler, w["val_items"], seed=d["seed"] + 1, **kw)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        torch.save({"key": key, "train": train_set, "val": val_set}, tmp)
+        tmp.replace(cache)
     history = train_warmstart(
         model,
         train_set,
@@ -153,6 +164,9 @@ def run_warmstart(model, train_cfg: dict, directory: Path, *, resume: bool = Tru
         rephrase_prob=w["rephrase_prob"],
         distractor_prob=w["distractor_prob"],
         context_weight=w["context_weight"],
+        keyed_prob=w["keyed_prob"],
+        large_episode_prob=w["large_episode_prob"],
+        large_query_items=w["large_query_items"],
         val=val_set,
         seed=d["seed"],
         log_every=w["log_every"],

@@ -70,6 +70,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {
         "distractor_prob": 0.25,
         "context_weight": 0.1,
         "distractor_sentence_prob": 0.5,  # rephrased queries preceded by an unrelated text sentence
+        "keyed_prob": 0.0,  # share of episodes written with keyed writes (W from the query latents)
+        "large_episode_prob": 0.0,  # share of steps with one large episode (64..K facts written)
+        "large_query_items": 32,  # facts queried (loss) in a large episode
         "log_every": 100,
     },
     "train_encoder": False,
@@ -169,9 +172,17 @@ def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 
 def memory_readout(
-    Z: torch.Tensor, Q: torch.Tensor, M0: torch.Tensor, lam: float, M0_pinv: torch.Tensor | None = None
+    Z: torch.Tensor,
+    Q: torch.Tensor,
+    M0: torch.Tensor,
+    lam: float,
+    M0_pinv: torch.Tensor | None = None,
+    keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable one-shot write of Z (E, C) with reference M0 (K, C), and read addresses for Q (E, C).
+    """Differentiable one-shot write of Z (E, C) with reference M0 (K, C), and read addresses for Q (E', C).
+
+    The write addresses W come from `keys` (E, C) when given (a keyed write: each fact addressed by
+    its query's latent), else from Z itself (the paper's auto-associative write).
 
     Returns (w_q (E, K), M (K, C)); the read-out is z_r = (w_q + noise)·M. Runs in at least float32
     with autocast off: in bf16 the ridge λ (1e-3) vanishes next to O(1) Gram entries and repeated items
@@ -181,8 +192,8 @@ def memory_readout(
     with torch.autocast(device_type=Z.device.type, enabled=False):
         Z, Q = Z.to(dtype), Q.to(dtype)
         M0_pinv = pinv(M0.to(dtype)) if M0_pinv is None else M0_pinv.to(dtype)  # (C, K)
-        W = Z @ M0_pinv  # (E, K)
-        Wq = Q @ M0_pinv  # (E, K)
+        W = (Z if keys is None else keys.to(dtype)) @ M0_pinv  # (E, K)
+        Wq = Q @ M0_pinv  # (E', K)
         E = W.shape[0]
         gram = W @ W.T + lam * torch.eye(E, dtype=dtype, device=W.device)  # (E, E), SPD
         M = W.T @ torch.cholesky_solve(Z, torch.linalg.cholesky(gram))  # (K, C): ridge solution via the E x E dual

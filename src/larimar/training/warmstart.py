@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -152,21 +152,30 @@ def _rows_by_item(ws: WarmstartSet) -> list[torch.Tensor]:
     return list(torch.split(order, counts.tolist()))
 
 
+@dataclass
+class Episode:
+    """One memory episode of stage 1: facts written in one shot, and the queries read against it."""
+
+    items: list[int]  # item indices written
+    queried: list[int]  # item indices (a subset of `items`) queried with their own fact's answer as target
+    rephrase: list[bool]  # per queried item: ask with its other phrasing
+    distractors: list[int] = field(default_factory=list)  # items *not* written, queried too (keep the base answer)
+    keyed: bool = False  # keyed write: addresses from the facts' query latents instead of the facts' own
+
+
 def warmstart_loss(
     model,
     ws: WarmstartSet,
     rows_of: list[torch.Tensor],
-    episodes: list[list[int]],
+    episodes: list[Episode],
     *,
-    rephrase: list[list[bool]],
-    distractors: list[list[int]],
     context_weight: float = 0.1,
     noise: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Loss of the output path for a set of episodes (lists of item indices).
+    """Loss of the output path for a list of episodes.
 
-    `rephrase[e][j]`: query item j of episode e with its other phrasing; `distractors[e]`: items *not*
-    written in episode e that are queried too (their loss keeps the base model's prediction).
+    Queried facts must produce their object; distractors (items not written) keep the base model's
+    prediction (KL). Keyed episodes address each written fact by its query's latent.
     """
     head, M0, lam = model.encoder.head, model.M0, model.config.ridge
     W = model.decoder.get_output_embeddings().weight  # (V, H), frozen
@@ -174,18 +183,19 @@ def warmstart_loss(
     z_parts, q_parts, q_rows, q_is_distractor = [], [], [], []  # q_rows: key 2 * item + variant of each query
     with torch.autocast(device_type=dev.type, enabled=False):
         M0_pinv = pinv(M0.float())  # (C, K), once for all episodes
-    for items, reph, dis in zip(episodes, rephrase, distractors):
-        idx = torch.tensor(items)
+    for ep in episodes:
+        idx = torch.tensor(ep.items)
         Z = head(ws.emb_text[idx].to(dev))  # (E, C)
-        qe = torch.stack([ws.emb_rephrase[i] if r else ws.emb_query[i] for i, r in zip(items, reph)] + [ws.emb_query[i] for i in dis])
-        Q = head(qe.to(dev))  # (E + D, C)
-        Wq, M = memory_readout(Z, Q, M0, lam, M0_pinv)
+        keys = head(ws.emb_query[idx].to(dev)) if ep.keyed else None  # (E, C)
+        qe = [ws.emb_rephrase[i] if r else ws.emb_query[i] for i, r in zip(ep.queried, ep.rephrase)]
+        Q = head(torch.stack(qe + [ws.emb_query[i] for i in ep.distractors]).to(dev))  # (Eq + D, C)
+        Wq, M = memory_readout(Z, Q, M0, lam, M0_pinv, keys)
         if noise:
             Wq = Wq + torch.exp(model.log_sigma_w) * torch.randn_like(Wq)
-        z_parts.append(Wq @ M)  # (E + D, C)
+        z_parts.append(Wq @ M)  # (Eq + D, C)
         q_parts.append(Q)
-        q_rows += [2 * i + int(r) for i, r in zip(items, reph)] + [2 * i for i in dis]
-        q_is_distractor += [False] * len(items) + [True] * len(dis)
+        q_rows += [2 * i + int(r) for i, r in zip(ep.queried, ep.rephrase)] + [2 * i for i in ep.distractors]
+        q_is_distractor += [False] * len(ep.queried) + [True] * len(ep.distractors)
     z_r = torch.cat(z_parts)  # (Nq, C)
     offset = model.out_offset(z_r, torch.cat(q_parts))  # (Nq, H)
     # loss rows: every cached position of every queried item
@@ -225,19 +235,44 @@ def warmstart_loss(
 
 
 def sample_episodes(
-    rng: random.Random, n_items: int, items_per_step: int, episode_sizes: tuple[int, ...], rephrase_prob: float, distractor_prob: float
-) -> tuple[list[list[int]], list[list[bool]], list[list[int]]]:
-    episodes, reph, dis = [], [], []
-    total = 0
+    rng: random.Random,
+    n_items: int,
+    items_per_step: int,
+    episode_sizes: tuple[int, ...],
+    rephrase_prob: float,
+    distractor_prob: float,
+    *,
+    keyed_prob: float = 0.0,
+    large_prob: float = 0.0,
+    large_max: int = 512,
+    large_query_items: int = 32,
+) -> list[Episode]:
+    """Episodes whose queried facts add up to about `items_per_step`.
+
+    With probability `large_prob` the step also holds one *large* keyed episode of 64..`large_max`
+    facts (log-uniform) of which `large_query_items` are queried: memory near its capacity K must
+    still answer. (Auto-associative reads of a memory holding about C or more facts return the
+    query itself, so large episodes are always keyed.)
+    """
+
+    def draw(E: int, n_query: int, keyed: bool) -> Episode:
+        items = rng.sample(range(n_items), E)
+        queried = items[:n_query]
+        n_d = sum(rng.random() < distractor_prob for _ in queried)
+        return Episode(items, queried, [rng.random() < rephrase_prob for _ in queried], rng.sample(range(n_items), n_d), keyed)
+
+    episodes, total = [], 0
+    if large_prob > 0 and rng.random() < large_prob:
+        hi = min(large_max, n_items)
+        lo = min(64, hi)
+        E = min(hi, int(round(math.exp(rng.uniform(math.log(lo), math.log(hi))))))
+        episodes.append(draw(E, min(large_query_items, E), True))
+        total += len(episodes[0].queried)
     while total < items_per_step:
         E = min(rng.choice(episode_sizes), n_items)
-        items = rng.sample(range(n_items), E)
-        episodes.append(items)
-        reph.append([rng.random() < rephrase_prob for _ in items])
-        n_d = sum(rng.random() < distractor_prob for _ in items)
-        dis.append(rng.sample(range(n_items), n_d))
+        episodes.append(draw(E, E, rng.random() < keyed_prob))
         total += E
-    return episodes, reph, dis
+    return episodes
 
 
 def train_warmstart(
@@ -251,6 +286,9 @@ def train_warmstart(
     rephrase_prob: float = 0.5,
     distractor_prob: float = 0.25,
     context_weight: float = 0.1,
+    keyed_prob: float = 0.0,
+    large_episode_prob: float = 0.0,
+    large_query_items: int = 32,
     val: WarmstartSet | None = None,
     seed: int = 0,
     log_every: int = 100,
@@ -268,8 +306,12 @@ def train_warmstart(
     t0 = time.perf_counter()
     running: dict[str, float] = {}
     for step in range(1, steps + 1):
-        eps, reph, dis = sample_episodes(rng, len(ws), items_per_step, episode_sizes, rephrase_prob, distractor_prob)
-        out = warmstart_loss(model, ws, rows_of, eps, rephrase=reph, distractors=dis, context_weight=context_weight)
+        eps = sample_episodes(
+            rng, len(ws), items_per_step, episode_sizes, rephrase_prob, distractor_prob,
+            keyed_prob=keyed_prob, large_prob=large_episode_prob, large_max=model.config.memory_size,
+            large_query_items=large_query_items,
+        )
+        out = warmstart_loss(model, ws, rows_of, eps, context_weight=context_weight)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         nn.utils.clip_grad_norm_(params, 1.0)
@@ -283,27 +325,38 @@ def train_warmstart(
             running = {}
             if val is not None:
                 rec.update({f"val_{k}": v for k, v in evaluate_warmstart(model, val).items()})
+                if keyed_prob > 0 or large_episode_prob > 0:
+                    rec.update({f"val_keyed_{k}": v for k, v in evaluate_warmstart(model, val, keyed=True).items()})
+                if large_episode_prob > 0:
+                    big = min(len(val), model.config.memory_size // 2)
+                    res = evaluate_warmstart(model, val, keyed=True, episode_size=big, max_queried=64)
+                    rec.update({f"val_keyed{big}_{k}": v for k, v in res.items()})
             history.append(rec)
             _report("warm start " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()), progress)
     return history
 
 
 @torch.no_grad()
-def evaluate_warmstart(model, ws: WarmstartSet, *, episode_size: int = 16, seed: int = 1234) -> dict[str, float]:
-    """Object accuracy after writing fixed episodes of `episode_size` held-out facts (query and rephrase)."""
+def evaluate_warmstart(
+    model, ws: WarmstartSet, *, episode_size: int = 16, seed: int = 1234, keyed: bool = False, max_queried: int | None = None
+) -> dict[str, float]:
+    """Object accuracy after writing fixed episodes of `episode_size` held-out facts (query and rephrase).
+
+    `keyed`: keyed writes; `max_queried`: query only the first facts of each episode (large episodes).
+    """
     rng = random.Random(seed)
     rows_of = _rows_by_item(ws)
     episode_size = min(episode_size, len(ws))
     idx = list(range(len(ws)))
     rng.shuffle(idx)
     eps = [idx[i : i + episode_size] for i in range(0, len(idx) - episode_size + 1, episode_size)]
+    nq = episode_size if max_queried is None else min(max_queried, episode_size)
     res = {}
     for name, r in (("acc_query", False), ("acc_rephrase", True)):
-        out = warmstart_loss(model, ws, rows_of, eps, rephrase=[[r] * len(e) for e in eps], distractors=[[] for _ in eps], noise=False)
-        res[name] = float(out["acc_object"])
+        batch = [Episode(e, e[:nq], [r] * nq, keyed=keyed) for e in eps]
+        res[name] = float(warmstart_loss(model, ws, rows_of, batch, noise=False)["acc_object"])
     others = [[j for j in idx if j not in set(e)] for e in eps]
     if all(others):  # a held-out fact queried against each episode's memory
-        dis = [[rng.choice(o)] for o in others]
-        out = warmstart_loss(model, ws, rows_of, eps, rephrase=[[False] * len(e) for e in eps], distractors=dis, noise=False)
-        res["kl_distractor"] = float(out["kl_distractor"])
+        batch = [Episode(e, e[:nq], [False] * nq, [rng.choice(o)], keyed=keyed) for e, o in zip(eps, others)]
+        res["kl_distractor"] = float(warmstart_loss(model, ws, rows_of, batch, noise=False)["kl_distractor"])
     return res
