@@ -153,3 +153,17 @@ def test_set_memory_size_shrinks_grows_and_restores():
     assert torch.equal(m.M0.detach(), original)
     with pytest.raises(ValueError):
         set_memory_size(m, 0)
+
+
+def test_keyed_writes_address_facts_by_their_prompts():
+    model = tiny_larimar()
+    editor = make_editor("larimar", model, model.tokenizer, keyed_writes=True, n_rephrases=1)
+    assert model.config.keyed_writes is True
+    editor.edit([REQ, REQ2], rephrases=[["Danielle Darrieux speaks"], ["France's capital is"]])
+    keys = ["The mother tongue of Danielle Darrieux is", "The capital of France is", "Danielle Darrieux speaks", "France's capital is"]
+    torch.testing.assert_close(model.facts.keys, model.encoder(keys).to(model.facts.keys.dtype))
+    assert editor.written[2] == "Danielle Darrieux speaks English."
+    make_editor("larimar", model, model.tokenizer, keyed_writes=False).edit(REQ)
+    torch.testing.assert_close(model.facts.keys, model.facts.Z)  # auto-associative: each fact is its own key
+    with pytest.raises(ValueError, match="keyed_writes must be true or false"):
+        make_editor("larimar", model, model.tokenizer, keyed_writes="yes")

@@ -194,6 +194,54 @@ def test_score_uses_memory_and_matches_manual(model):
     assert not torch.allclose(plain, nll)
 
 
+PROMPTS = [f.rsplit(" ", 1)[0] for f in FACTS]  # "The capital of France is" ...
+
+
+def test_keyed_write_reads_fact_with_its_prompt_and_forgets_exactly():
+    model = make("llama", ridge=1e-9)
+    model.write(FACTS, keys=PROMPTS)
+    q = model.encoder(PROMPTS).double()
+    z_facts = model.encoder(FACTS).double()
+    torch.testing.assert_close(model.facts.state.read(q), z_facts, atol=1e-5, rtol=1e-5)  # the key returns its fact
+    torch.testing.assert_close(model.facts.keys, q)
+    auto = make("llama", ridge=1e-9)
+    auto.write(FACTS)
+    assert (auto.facts.state.read(q) - z_facts).abs().max() > 1e-3  # auto-associative: the prompt reads itself
+    model = make("llama")  # default ridge: forgetting is well conditioned
+    model.write(FACTS, keys=PROMPTS)
+    M_before = model.facts.state.M.clone()
+    model.write(["Toko Yasuda plays the piano."], keys=["Toko Yasuda plays the"])
+    model.forget(["Toko Yasuda plays the piano."])  # removed with the addresses it was written with
+    torch.testing.assert_close(model.facts.state.M, M_before, atol=1e-9, rtol=1e-7)
+    assert len(model) == 3 and model.facts.keys.shape == (3, 16)
+
+
+def test_keyed_write_bad_keys_change_nothing():
+    model = make("llama")
+    model.write(FACTS[:1])
+    M = model.facts.state.M.clone()
+    with pytest.raises(ValueError, match="2 texts but 1 keys"):
+        model.write(FACTS[1:], keys=PROMPTS[1:2])
+    with pytest.raises(TextInputError):
+        model.write(FACTS[1:], keys=["ok", "  "])
+    assert len(model) == 1 and torch.equal(model.facts.state.M, M)
+
+
+def test_keyed_memory_save_load_keeps_keys(tmp_path):
+    model = make("llama")
+    model.write(FACTS[:2], keys=PROMPTS[:2])
+    model.write(FACTS[2:])  # mixed: one auto-associative write
+    keys = model.facts.keys.clone()
+    model.save_memory(tmp_path / "mem")
+    model.reset_memory()
+    model.load_memory(tmp_path / "mem")
+    torch.testing.assert_close(model.facts.keys, keys)
+    M_before = model.facts.state.M.clone()
+    model.forget([FACTS[0]])
+    model.write([FACTS[0]], keys=[PROMPTS[0]])  # same rows in another order: equal up to rounding
+    torch.testing.assert_close(model.facts.state.M, M_before, atol=1e-5, rtol=1e-4)
+
+
 def test_save_and_load_memory(model, tmp_path):
     model.write(FACTS)
     model.save_memory(tmp_path / "mem")

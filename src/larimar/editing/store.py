@@ -1,8 +1,9 @@
 """Fact-level memory: the episodic memory state plus a ledger of what was written, saved safely to disk.
 
 The ledger keeps, for every written fact, its text, the exact latent z that went into memory (so
-forgetting subtracts exactly what was added, Eq. 6, whatever the encoder's batching did) and its
-sentence embedding (for the scope detector). Every operation returns a new `FactMemory`; a failed call
+forgetting subtracts exactly what was added, Eq. 6, whatever the encoder's batching did), the latent
+its addresses came from (z itself, or its key for a keyed write) and its sentence embedding (for the
+scope detector). Every operation returns a new `FactMemory`; a failed call
 changes nothing.
 """
 
@@ -41,22 +42,31 @@ class FactMemory:
     texts: list[str] = field(default_factory=list)
     Z: torch.Tensor | None = None  # (N, C) latents written, in state dtype
     E: torch.Tensor | None = None  # (N, H) sentence embeddings for the scope detector
+    keys: torch.Tensor | None = None  # (N, C) latents the write addresses came from (rows equal Z unless keyed)
 
     def __len__(self) -> int:
         return len(self.texts)
 
-    def write(self, texts: list[str], Z: torch.Tensor, E: torch.Tensor) -> "FactMemory":
-        """Write N facts (Z: (N, C), E: (N, H)) as one episode; returns the new FactMemory."""
+    def write(self, texts: list[str], Z: torch.Tensor, E: torch.Tensor, keys: torch.Tensor | None = None) -> "FactMemory":
+        """Write N facts (Z: (N, C), E: (N, H)) as one episode; returns the new FactMemory.
+
+        `keys` (N, C): a keyed write, W = address(keys) instead of address(Z): each fact is stored
+        under its key's address (e.g. the latent of the prompt that should recall it).
+        """
         if Z.shape[0] != len(texts) or E.shape[0] != len(texts):
             raise ValueError(f"write: {len(texts)} texts but Z has {Z.shape[0]} rows and E {E.shape[0]}")
+        if keys is not None and keys.shape != Z.shape:
+            raise ValueError(f"write: keys must have the shape of Z {tuple(Z.shape)}, got {tuple(keys.shape)}")
         Z = Z.detach().to(self.state.dtype)
-        new_state = self.state.write(Z)
+        K = Z if keys is None else keys.detach().to(self.state.dtype)
+        new_state = self.state.write(Z, None if keys is None else self.state.address(K))
         E = E.detach().float()
         return FactMemory(
             new_state,
             self.texts + list(texts),
             Z if self.Z is None else torch.cat([self.Z, Z]),
             E if self.E is None else torch.cat([self.E, E]),
+            K if self.keys is None else torch.cat([self.keys, K]),
         )
 
     def find(self, texts: list[str]) -> list[int]:
@@ -77,7 +87,7 @@ class FactMemory:
     def forget(self, texts: list[str]) -> "FactMemory":
         """Remove facts exactly (alpha = -1 with the latents they were written with)."""
         rows = self.find(texts)
-        new_state = self.state.forget(self.Z[rows])
+        new_state = self.state.forget(self.Z[rows], self.state.address(self.keys[rows]))
         removed = set(rows)
         keep = [i for i in range(len(self.texts)) if i not in removed]
         return FactMemory(
@@ -85,6 +95,7 @@ class FactMemory:
             [self.texts[i] for i in keep],
             self.Z[keep] if keep else None,
             self.E[keep] if keep else None,
+            self.keys[keep] if keep else None,
         )
 
     # ------------------------------------------------------------------ persistence
@@ -100,6 +111,8 @@ class FactMemory:
             tensors = {}
             if self.Z is not None:
                 tensors = {"Z": self.Z.contiguous().cpu(), "E": self.E.contiguous().cpu()}
+                if not torch.equal(self.keys, self.Z):
+                    tensors["keys"] = self.keys.contiguous().cpu()
             meta = {"format": FORMAT, "version": str(FORMAT_VERSION), "texts": json.dumps(self.texts)}
             save_file(tensors, str(tmp / "facts.safetensors"), metadata=meta)
             backup = None
@@ -148,4 +161,7 @@ class FactMemory:
             raise MemoryFileError(f"{d}: {len(texts)} texts but {n} stored latents")
         if Z is not None and Z.shape[1] != C:
             raise MemoryFileError(f"{d}: stored latents have width {Z.shape[1]}, memory has C={C}")
-        return cls(state, texts, Z, E)
+        keys = tensors.get("keys", Z)  # files without keys (or with only auto-associative writes): keys are Z
+        if keys is not None and (Z is None or keys.shape != Z.shape):
+            raise MemoryFileError(f"{d}: stored keys do not match the stored latents")
+        return cls(state, texts, Z, E, keys)

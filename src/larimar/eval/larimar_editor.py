@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from larimar.eval.editors import EditRequest, available_editors, register_editor
+from larimar.eval.sequential import write_facts
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from larimar.eval.scoring import ContinuationStats
@@ -82,6 +83,8 @@ class LarimarEditor:
         scope_threshold: override the scope detector's cosine threshold.
         memory_size: override K (see :func:`set_memory_size`).
         score_batch_size: sequences per decoder forward pass when scoring.
+        keyed_writes: address each fact by its prompt's latent (see :meth:`Larimar.write`); default:
+            the model config's ``keyed_writes``.
         write_batch_size: texts per encoder forward pass when writing.
     """
 
@@ -98,6 +101,7 @@ class LarimarEditor:
         addressing: str | None = None,
         scope_threshold: float | None = None,
         memory_size: int | None = None,
+        keyed_writes: bool | None = None,
         score_batch_size: int = 16,
         write_batch_size: int = 64,
     ) -> None:
@@ -131,6 +135,10 @@ class LarimarEditor:
             changes["addressing"] = addressing
         if scope_threshold is not None:
             changes["scope_threshold"] = float(scope_threshold)
+        if keyed_writes is not None:
+            if not isinstance(keyed_writes, bool):
+                raise ValueError(f"larimar editor: keyed_writes must be true or false, got {keyed_writes!r}")
+            changes["keyed_writes"] = keyed_writes
         if changes:
             model.config = model.config.replace(**changes)  # validates the values
             if "scope_threshold" in changes:
@@ -185,10 +193,13 @@ class LarimarEditor:
             return
         t0 = time.perf_counter()
         texts = [self.fact_text(r) for r in reqs]
+        prompts = [r.prompt for r in reqs]
         if rephrases is not None and self.n_rephrases > 0:
             for r, paras in zip(reqs, rephrases):
-                texts.extend(self.fact_text(r, p) for p in list(paras)[: self.n_rephrases])
-        self.model.write(texts, batch_size=self.write_batch_size)
+                for p in list(paras)[: self.n_rephrases]:
+                    texts.append(self.fact_text(r, p))
+                    prompts.append(p.rstrip())
+        write_facts(self.model, texts, prompts, batch_size=self.write_batch_size)
         self.edit_seconds.append(time.perf_counter() - t0)
         self.requests.extend(reqs)
         self.written.extend(texts)

@@ -324,6 +324,8 @@ class LarimarStream:
     Args:
         model: the Larimar model (its memory is replaced).
         texts: the sentences to write, in order.
+        prompts: each sentence's prompt, the key of a keyed write when ``model.config.keyed_writes``
+            (default: none, auto-associative writes).
         M_ref: fixed reference memory ``(K, C)`` (default: the model's M0).
         addressing: addressing mode of the memory (default: the model config's).
         gaussian_alpha: bandwidth of Gaussian addressing (default: the config's).
@@ -336,6 +338,7 @@ class LarimarStream:
         texts: Sequence[str],
         M_ref: "torch.Tensor | None" = None,
         *,
+        prompts: Sequence[str] | None = None,
         addressing: str | None = None,
         gaussian_alpha: float | None = None,
         batch_size: int = 16,
@@ -343,6 +346,9 @@ class LarimarStream:
     ) -> None:
         self.model = model
         self.texts = list(texts)
+        self.prompts = None if prompts is None else list(prompts)
+        if self.prompts is not None and len(self.prompts) != len(self.texts):
+            raise ValueError(f"{len(self.texts)} texts but {len(self.prompts)} prompts")
         self.M_ref = M_ref
         self.addressing = addressing
         self.gaussian_alpha = gaussian_alpha
@@ -353,7 +359,10 @@ class LarimarStream:
         fresh_memory(self.model, self.M_ref, addressing=self.addressing, gaussian_alpha=self.gaussian_alpha)
 
     def write(self, index: int) -> None:
-        self.model.write([self.texts[index]])
+        if self.prompts is None:
+            self.model.write([self.texts[index]])
+        else:
+            write_facts(self.model, [self.texts[index]], [self.prompts[index]])
 
     def answer(self, prompts: list[str], max_new_tokens: int) -> list[str]:
         return batched_generate(self.model, prompts, max_new_tokens=max_new_tokens, batch_size=self.batch_size)
@@ -580,6 +589,13 @@ def load_sequential_cases(
     return cases[:n]
 
 
+def write_facts(model: "Larimar", texts: Sequence[str], prompts: Sequence[str], *, batch_size: int = 128) -> None:
+    """Write fact texts whose prompts are known: keyed by the prompts when ``model.config.keyed_writes``
+    (each fact stored at its prompt's address), else the paper's auto-associative write."""
+    keys = list(prompts) if model.config.keyed_writes else None
+    model.write(list(texts), batch_size=batch_size, keys=keys)
+
+
 def fact_sentence(case: "EditCase") -> str:
     """The sentence written for a case: ``"{prompt} {target_new}."``."""
     return f"{case.prompt} {case.target_new}."
@@ -726,7 +742,10 @@ def run_sequential(
             log.warning("only %d reference prompts: using K = %d instead of %d", len(ref_prompts), K, memory_size)
         seed_everything(seed)
         M_ref = reference_from_encodings(encode_latents(model, ref_prompts[:K]), K)
-        stream = LarimarStream(model, [fact_sentence(c) for c in cases], M_ref, addressing="reference", batch_size=batch_size)
+        stream = LarimarStream(
+            model, [fact_sentence(c) for c in cases], M_ref, prompts=[c.prompt for c in cases], addressing="reference",
+            batch_size=batch_size,
+        )
         result = run_stream(stream, n, marks, evaluate, out / "larimar", progress=progress, desc="larimar sequential")
         summary.update(_stream_summary(n, result))
         summary["K"] = K

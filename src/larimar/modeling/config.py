@@ -41,6 +41,7 @@ class LarimarConfig:
     gaussian_alpha: float = 1.0
     pinv_method: str = "svd"
     sigma_w: float = 0.0  # read-time noise on W (robustness experiments)
+    keyed_writes: bool = False  # editors that know each fact's prompt address the fact by the prompt's latent
     # scope detector (paper §4)
     scope_threshold: float = 0.65  # near the equal-error point on CounterFact dev (larimar scope)
     use_scope_detector: bool = True

@@ -182,11 +182,24 @@ class Larimar(nn.Module):
         return len(self.facts)
 
     @torch.no_grad()
-    def write(self, texts: list[str] | str, batch_size: int = 128) -> None:
-        """Write facts to memory in one shot (no gradient step). On any error memory is unchanged."""
+    def write(self, texts: list[str] | str, batch_size: int = 128, *, keys: list[str] | str | None = None) -> None:
+        """Write facts to memory in one shot (no gradient step). On any error memory is unchanged.
+
+        `keys`: one text per fact (e.g. the prompt that should recall it, "The capital of France is"
+        for "The capital of France is London."): a keyed write stores each fact's latent at the
+        address of its key's latent, so that reading with the key returns the fact even when the
+        memory holds about C or more facts (where an auto-associative read returns the query
+        itself). Default: the paper's auto-associative write, each fact addressed by itself.
+        """
         texts = check_texts(texts, "write")
+        Zk = None
+        if keys is not None:
+            keys = check_texts(keys, "write keys")
+            if len(keys) != len(texts):
+                raise ValueError(f"write: {len(texts)} texts but {len(keys)} keys")
+            Zk = self.encoder(keys, batch_size=batch_size)
         Z, E = self.encoder.encode_with_embedding(texts, batch_size=batch_size)
-        facts = self.facts.write(texts, Z, E)
+        facts = self.facts.write(texts, Z, E, Zk)
         self.facts = facts
         self.scope.set_keys(facts.E)
 
