@@ -79,3 +79,25 @@ def test_shipped_adapter_makes_edits_win(model):
         wins += int(nll[0] < nll[1])
     model.reset_memory()
     assert wins >= 2, wins
+
+
+def test_shipped_adapter_recalls_from_a_full_keyed_memory(model):
+    """K CounterFact facts written at once, keyed by their prompts: written objects still outrank true ones.
+
+    An auto-associative write of K > C facts reads every query back as itself (README: keyed writes);
+    with keys the read-out is the fact. Checked on 16 of the K facts.
+    """
+    from larimar.eval.data import data_path, load_counterfact_rome
+
+    if not model.config.trained or not model.config.keyed_writes:
+        pytest.skip("needs the shipped adapter trained with keyed writes")
+    K = model.config.memory_size
+    cases = load_counterfact_rome(data_path("counterfact-rome"), n=K)
+    model.reset_memory()
+    model.write([f"{c.prompt} {c.target_new}." for c in cases], keys=[c.prompt for c in cases])
+    assert len(model) == K
+    probe = cases[:: K // 16][:16]
+    nll = model.score([c.prompt for c in probe], [[" " + c.target_new, " " + c.target_true] for c in probe], use_memory="always")
+    wins = int((nll[:, 0] < nll[:, 1]).sum())
+    model.reset_memory()
+    assert wins >= 12, wins

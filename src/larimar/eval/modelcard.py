@@ -5,7 +5,8 @@
    under the read-out's conditioning: token accuracy (argmax) and NLL per continuation token. Two
    sources: held-out text sentences (split at a random 50-90 % word boundary, validation documents of
    the training corpus) and CounterFact dev facts (query = rewrite prompt, continuation = new object).
-   The base decoder's own figures on the same tokens (no memory) are given for reference.
+   The base decoder's own figures on the same tokens (no memory) are given for reference. With
+   ``keyed_writes`` in the model config each item is written keyed by its query.
 2. Perplexity on held-out text: the base decoder vs Larimar decoding with an empty memory read-out
    (z_r = 0: the KV prefix's base, zero offsets), on the same tokens.
 
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from larimar.eval.sequential import write_facts
 from larimar.training.data import Item
 
 
@@ -76,7 +78,7 @@ def reconstruction(model, items: list[Item], n_in_memory: int, *, max_scored: in
     for _ in range(groups):
         group = rng.sample(items, n_in_memory)
         model.reset_memory()
-        model.write([it.text for it in group])
+        write_facts(model, [it.text for it in group], [it.query for it in group])  # keyed by the queries if configured
         scored = group[:per_group]
         q = model.encoder([it.query for it in scored])
         z_r = model.read_latents(q)
