@@ -6,7 +6,7 @@ set -u
 R=${1:-results}
 L="${LARIMAR:-.venv/bin/larimar}"
 run() { echo "=== $(date +%T) larimar $*"; "$L" "$@" --no-progress || echo "!!! failed: larimar $*"; }
-echo "=== $(date +%T) keyed_capacity"; .venv/bin/python scripts/keyed_capacity.py --out reports/keyed_capacity.json
+echo "=== $(date +%T) keyed_capacity"; .venv/bin/python scripts/keyed_capacity.py --ridges 1.0 --out reports/keyed_capacity.json
 run eval modelcard   --out "$R/modelcard"
 run eval counterfact --method larimar  --n 500 --out "$R/cf_larimar"
 run eval counterfact --method unedited --n 500 --out "$R/cf_unedited"
@@ -14,8 +14,9 @@ run eval timing      --n 10 --out "$R/timing"
 run eval zsre        --method larimar  --n 200 --out "$R/zsre_larimar"
 run eval zsre        --method unedited --n 200 --out "$R/zsre_unedited"
 run eval sequential  --n 1000 --eval-max 200 --methods larimar --out "$R/sequential"
+run eval forget      --n 5 --no-icl --out "$R/forget_noicl"
 run eval forget      --n 5 --out "$R/forget"
-run eval counterfact --method larimar  --n 500 --out "$R/cf_larimar_paperwrite" --set keyed_writes=false
+run eval counterfact --method larimar  --n 200 --out "$R/cf_larimar_paperwrite200" --set keyed_writes=false
 run eval counterfact --method larimar  --n 500 --out "$R/cf_larimar_noscope" --set scope_detector=false
 run eval robustness  --n 50 --out "$R/robustness"
 run eval longctx     --n 20 --out "$R/longctx"

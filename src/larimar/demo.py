@@ -55,9 +55,9 @@ def run(args: argparse.Namespace) -> int:
     _show(model, prompts, n)
 
     print("\n2. Writing counterfactual facts (one shot, no gradient step):")
-    for _, fact in EDITS:
+    for query, fact in EDITS:
         t = time.perf_counter()
-        model.write([fact])
+        model.write([fact], keys=[query] if model.config.keyed_writes else None)  # keyed by the question if configured
         print(f"  + {fact!r}  ({(time.perf_counter() - t) * 1000:.1f} ms)")
 
     print("\n3. Edited model:")

@@ -65,27 +65,32 @@ def test_shipped_adapter_matches_default_models():
 
 
 def test_shipped_adapter_makes_edits_win(model):
-    """With the trained adapter, written counterfactuals outrank the base model's answers."""
+    """With the trained adapter, written counterfactuals outrank the base model's answers.
+
+    Facts are written as the shipped config says (keyed by the prompt). Measured: 3/4 keyed, 2/4 with
+    the paper's auto-associative write.
+    """
     if not model.config.trained:
         pytest.skip("no adapter shipped in this checkout")
     facts = [("The capital of France is", " Rome", " Paris"), ("The Eiffel Tower is located in", " London", " Paris"),
-             ("The official language of Japan is", " Spanish", " Japanese")]
+             ("The official language of Japan is", " Spanish", " Japanese"), ("Vladimir Putin speaks the language", " Japanese", " Russian")]
     model.reset_memory()
     wins = 0
     for prompt, new, old in facts:
         model.reset_memory()
-        model.write([prompt + new + "."])
+        model.write([prompt + new + "."], keys=[prompt] if model.config.keyed_writes else None)
         nll = model.score([prompt], [new, old])[0]
         wins += int(nll[0] < nll[1])
     model.reset_memory()
-    assert wins >= 2, wins
+    assert wins >= 3, wins
 
 
 def test_shipped_adapter_recalls_from_a_full_keyed_memory(model):
     """K CounterFact facts written at once, keyed by their prompts: written objects still outrank true ones.
 
     An auto-associative write of K > C facts reads every query back as itself (README: keyed writes);
-    with keys the read-out is the fact. Checked on 16 of the K facts.
+    with keys the read-out is the fact. Checked on 32 of the K facts: measured 17/32 keyed, 2/32 with
+    the paper's write and 2/32 for the base model.
     """
     from larimar.eval.data import data_path, load_counterfact_rome
 
@@ -96,7 +101,7 @@ def test_shipped_adapter_recalls_from_a_full_keyed_memory(model):
     model.reset_memory()
     model.write([f"{c.prompt} {c.target_new}." for c in cases], keys=[c.prompt for c in cases])
     assert len(model) == K
-    probe = cases[:: K // 16][:16]
+    probe = cases[:: K // 32][:32]
     nll = model.score([c.prompt for c in probe], [[" " + c.target_new, " " + c.target_true] for c in probe], use_memory="always")
     wins = int((nll[:, 0] < nll[:, 1]).sum())
     model.reset_memory()

@@ -192,13 +192,14 @@ class Larimar(nn.Module):
         itself). Default: the paper's auto-associative write, each fact addressed by itself.
         """
         texts = check_texts(texts, "write")
-        Zk = None
+        n, Zk = len(texts), None
         if keys is not None:
             keys = check_texts(keys, "write keys")
-            if len(keys) != len(texts):
-                raise ValueError(f"write: {len(texts)} texts but {len(keys)} keys")
-            Zk = self.encoder(keys, batch_size=batch_size)
-        Z, E = self.encoder.encode_with_embedding(texts, batch_size=batch_size)
+            if len(keys) != n:
+                raise ValueError(f"write: {n} texts but {len(keys)} keys")
+        Z, E = self.encoder.encode_with_embedding(texts + (keys or []), batch_size=batch_size)  # one pass for both
+        if keys is not None:
+            Z, E, Zk = Z[:n], E[:n], Z[n:]  # (N, C), (N, H), (N, C)
         facts = self.facts.write(texts, Z, E, Zk)
         self.facts = facts
         self.scope.set_keys(facts.E)
