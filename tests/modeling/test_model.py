@@ -200,10 +200,10 @@ PROMPTS = [f.rsplit(" ", 1)[0] for f in FACTS]  # "The capital of France is" ...
 def test_keyed_write_reads_fact_with_its_prompt_and_forgets_exactly():
     model = make("llama", ridge=1e-9)
     model.write(FACTS, keys=PROMPTS)
-    q = model.encoder(PROMPTS).double()
-    z_facts = model.encoder(FACTS).double()
-    torch.testing.assert_close(model.facts.state.read(q), z_facts, atol=1e-5, rtol=1e-5)  # the key returns its fact
-    torch.testing.assert_close(model.facts.keys, q)
+    q, z_facts = model.facts.keys, model.facts.Z  # the latents written (float64)
+    torch.testing.assert_close(model.facts.state.read(q), z_facts, atol=1e-4, rtol=1e-4)  # the key returns its fact
+    torch.testing.assert_close(q, model.encoder(PROMPTS).double(), atol=1e-5, rtol=1e-4)  # keys = the prompts' latents
+    torch.testing.assert_close(z_facts, model.encoder(FACTS).double(), atol=1e-5, rtol=1e-4)
     auto = make("llama", ridge=1e-9)
     auto.write(FACTS)
     assert (auto.facts.state.read(q) - z_facts).abs().max() > 1e-3  # auto-associative: the prompt reads itself

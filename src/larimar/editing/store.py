@@ -44,6 +44,10 @@ class FactMemory:
     E: torch.Tensor | None = None  # (N, H) sentence embeddings for the scope detector
     keys: torch.Tensor | None = None  # (N, C) latents the write addresses came from (rows equal Z unless keyed)
 
+    def __post_init__(self) -> None:
+        if self.keys is None and self.Z is not None:  # built without keys: every fact addressed itself
+            self.keys = self.Z
+
     def __len__(self) -> int:
         return len(self.texts)
 
