@@ -20,6 +20,8 @@ run eval counterfact --method larimar  --n 200 --out "$R/cf_larimar_paperwrite20
 run eval counterfact --method larimar  --n 500 --out "$R/cf_larimar_noscope" --set scope_detector=false
 run eval robustness  --n 50 --out "$R/robustness"
 run eval longctx     --n 20 --out "$R/longctx"
+run eval batch       --memory-sizes 512 --sizes 1,16,64,256,512,1024,2048 --eval-n 50 --out "$R/batch_k512"
+run eval batch       --memory-sizes 512 --sizes 1,16,64,256,512,1024,2048 --eval-n 50 --out "$R/batch_k512_paperwrite" --set keyed_writes=false
 run eval batch       --eval-n 100 --out "$R/batch"
 run eval counterfact --method prompt   --n 100 --out "$R/cf_prompt"
 run eval counterfact --method ike      --n 100 --out "$R/cf_ike"
