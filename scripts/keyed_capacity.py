@@ -5,8 +5,8 @@ with its first paraphrase prompt), and reports how much of the way from the quer
 the fact's latent z the read-out z_r goes: recovery = 1 - ||z_r - z|| / ||q - z|| (1: the read-out is
 the fact; 0: no closer than the query itself, e.g. a memory that reads every query back as itself).
 The nearest-written-fact accuracy of z_r is reported too, but it says little on its own: q is
-already closest to its own fact. Auto-associative: W from the facts' own latents (the paper). Keyed: W from the
-prompts' latents (`Larimar.write(texts, keys=prompts)`).
+already closest to its own fact. Auto-associative: W from the facts' own latents (the paper).
+Keyed: W from the prompts' latents (`Larimar.write(texts, keys=prompts)`).
 
     python scripts/keyed_capacity.py [--model DIR] [--out reports/keyed_capacity.json]
 """

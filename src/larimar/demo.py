@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     print("\n2. Writing counterfactual facts (one shot, no gradient step):")
     for query, fact in EDITS:
         t = time.perf_counter()
-        model.write([fact], keys=[query] if model.config.keyed_writes else None)  # keyed by the question if configured
+        model.write_facts([fact], [query])  # keyed by the question if the config says so
         print(f"  + {fact!r}  ({(time.perf_counter() - t) * 1000:.1f} ms)")
 
     print("\n3. Edited model:")

@@ -78,7 +78,7 @@ def test_shipped_adapter_makes_edits_win(model):
     wins = 0
     for prompt, new, old in facts:
         model.reset_memory()
-        model.write([prompt + new + "."], keys=[prompt] if model.config.keyed_writes else None)
+        model.write_facts([prompt + new + "."], [prompt])
         nll = model.score([prompt], [new, old])[0]
         wins += int(nll[0] < nll[1])
     model.reset_memory()

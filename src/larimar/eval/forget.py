@@ -62,7 +62,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from larimar.eval.sequential import (
-    write_facts,
     add_common_arguments,
     batched_generate,
     contains_answer,
@@ -163,7 +162,7 @@ def larimar_point(
 
     model.reset_memory()
     t0 = time.perf_counter()
-    write_facts(model, texts, [c.prompt for c in cases])
+    model.write_facts(texts, [c.prompt for c in cases])
     write_seconds = time.perf_counter() - t0
     written = model.facts
     before = recall(forgotten + retained)
@@ -176,7 +175,7 @@ def larimar_point(
         model.scope.set_keys(written.E)
         t0 = time.perf_counter()
         model.forget([texts[j]])
-        write_facts(model, [forget_sentence(cases[j])], [cases[j].prompt])
+        model.write_facts([forget_sentence(cases[j])], [cases[j].prompt])
         forget_seconds.append(time.perf_counter() - t0)
         gens = recall([j] + retained)
         kept = [contains_answer(g, cases[i].target_new) for g, i in zip(gens[1:], retained)]

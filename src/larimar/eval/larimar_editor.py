@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from larimar.eval.editors import EditRequest, available_editors, register_editor
-from larimar.eval.sequential import write_facts
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from larimar.eval.scoring import ContinuationStats
@@ -199,7 +198,7 @@ class LarimarEditor:
                 for p in list(paras)[: self.n_rephrases]:
                     texts.append(self.fact_text(r, p))
                     prompts.append(p.rstrip())
-        write_facts(self.model, texts, prompts, batch_size=self.write_batch_size)
+        self.model.write_facts(texts, prompts, batch_size=self.write_batch_size)
         self.edit_seconds.append(time.perf_counter() - t0)
         self.requests.extend(reqs)
         self.written.extend(texts)

@@ -49,7 +49,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from larimar.eval.sequential import add_common_arguments, batched_generate, contains_answer, markdown_table, write_facts
+from larimar.eval.sequential import add_common_arguments, batched_generate, contains_answer, markdown_table
 
 if TYPE_CHECKING:  # pragma: no cover
     from larimar.eval.data import EditCase
@@ -201,7 +201,7 @@ class LarimarSystem(_Sampler):
 
     def apply(self, case: "EditCase") -> None:
         self.model.reset_memory()
-        write_facts(self.model, [f"{case.prompt} {UNKNOWN}."], [case.prompt])
+        self.model.write_facts([f"{case.prompt} {UNKNOWN}."], [case.prompt])
 
     def sample(self, prompts: list[str], *, max_new_tokens: int, seed: int) -> list[str]:
         uniq = list(dict.fromkeys(prompts))

@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from larimar.eval.sequential import write_facts
 from larimar.training.data import Item
 
 
@@ -78,7 +77,7 @@ def reconstruction(model, items: list[Item], n_in_memory: int, *, max_scored: in
     for _ in range(groups):
         group = rng.sample(items, n_in_memory)
         model.reset_memory()
-        write_facts(model, [it.text for it in group], [it.query for it in group])  # keyed by the queries if configured
+        model.write_facts([it.text for it in group], [it.query for it in group])  # keyed by the queries if configured
         scored = group[:per_group]
         q = model.encoder([it.query for it in scored])
         z_r = model.read_latents(q)

@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from larimar.eval.sequential import (
-    write_facts,
     add_common_arguments,
     encode_latents,
     fact_sentence,
@@ -116,7 +115,7 @@ def robustness_case(
         raise ValueError(f"case {case.case_id!r} has no target_true")
     gen_prompt = case.generation_prompts[0] if case.generation_prompts else case.prompt
     model.reset_memory()
-    write_facts(model, [fact_sentence(case)], [case.prompt])
+    model.write_facts([fact_sentence(case)], [case.prompt])
     state = model.facts.state
     q = encode_latents(model, [case.prompt, gen_prompt])
     g = torch.Generator().manual_seed(_case_seed(seed, case.case_id))

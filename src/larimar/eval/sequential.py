@@ -362,7 +362,7 @@ class LarimarStream:
         if self.prompts is None:
             self.model.write([self.texts[index]])
         else:
-            write_facts(self.model, [self.texts[index]], [self.prompts[index]])
+            self.model.write_facts([self.texts[index]], [self.prompts[index]])
 
     def answer(self, prompts: list[str], max_new_tokens: int) -> list[str]:
         return batched_generate(self.model, prompts, max_new_tokens=max_new_tokens, batch_size=self.batch_size)
@@ -587,13 +587,6 @@ def load_sequential_cases(
     if len(cases) < n:
         log.warning("only %d usable cases available (asked for %d)", len(cases), n)
     return cases[:n]
-
-
-def write_facts(model: "Larimar", texts: Sequence[str], prompts: Sequence[str], *, batch_size: int = 128) -> None:
-    """Write fact texts whose prompts are known: keyed by the prompts when ``model.config.keyed_writes``
-    (each fact stored at its prompt's address), else the paper's auto-associative write."""
-    keys = list(prompts) if model.config.keyed_writes else None
-    model.write(list(texts), batch_size=batch_size, keys=keys)
 
 
 def fact_sentence(case: "EditCase") -> str:

@@ -204,6 +204,11 @@ class Larimar(nn.Module):
         self.facts = facts
         self.scope.set_keys(facts.E)
 
+    def write_facts(self, texts: list[str], prompts: list[str], batch_size: int = 128) -> None:
+        """Write facts whose prompts are known: keyed by the prompts when `config.keyed_writes` (each fact
+        stored at its prompt's address), else the paper's auto-associative write."""
+        self.write(list(texts), batch_size, keys=list(prompts) if self.config.keyed_writes else None)
+
     @torch.no_grad()
     def forget(self, texts: list[str] | str) -> None:
         """Remove facts exactly (alpha = -1). Texts never written raise FactNotFoundError; memory unchanged."""

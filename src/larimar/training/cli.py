@@ -143,7 +143,11 @@ def run_warmstart(model, train_cfg: dict, directory: Path, *, resume: bool = Tru
         distractors = EpisodeSampler(d["text_root"], None, split="train", fact_fraction=0.0, seed=d["seed"]).texts
     kw = dict(max_tokens=d["max_tokens"], distractor_sentences=distractors, distractor_prob=w["distractor_sentence_prob"])
     cache = directory / "sets.pt"  # the cached decoder states (the costly part), kept for reruns
-    key = {"items": w["items"], "val_items": w["val_items"], "seed": d["seed"], **{k: v for k, v in kw.items() if k != "distractor_sentences"}}
+    key = {  # what the cached states depend on (the distractor sentences through text_root)
+        "items": w["items"], "val_items": w["val_items"], "seed": d["seed"],
+        **{k: d.get(k) for k in ("pararel_root", "text_root", "exclude_eval_from")},
+        **{k: v for k, v in kw.items() if k != "distractor_sentences"},
+    }
     sets = torch.load(cache, weights_only=False) if resume and cache.is_file() else None
     if sets is not None and sets.get("key") == key:
         print(f"warm start: reusing cached decoder states {cache}")

@@ -355,7 +355,8 @@ def evaluate_warmstart(
     for name, r in (("acc_query", False), ("acc_rephrase", True)):
         batch = [Episode(e, e[:nq], [r] * nq, keyed=keyed) for e in eps]
         res[name] = float(warmstart_loss(model, ws, rows_of, batch, noise=False)["acc_object"])
-    others = [[j for j in idx if j not in set(e)] for e in eps]
+    in_episode = [set(e) for e in eps]
+    others = [[j for j in idx if j not in s] for s in in_episode]
     if all(others):  # a held-out fact queried against each episode's memory
         batch = [Episode(e, e[:nq], [False] * nq, [rng.choice(o)], keyed=keyed) for e, o in zip(eps, others)]
         res["kl_distractor"] = float(warmstart_loss(model, ws, rows_of, batch, noise=False)["kl_distractor"])
