@@ -167,3 +167,15 @@ def test_keyed_writes_address_facts_by_their_prompts():
     torch.testing.assert_close(model.facts.keys, model.facts.Z)  # auto-associative: each fact is its own key
     with pytest.raises(ValueError, match="keyed_writes must be true or false"):
         make_editor("larimar", model, model.tokenizer, keyed_writes="yes")
+
+
+def test_value_writes_store_the_new_objects():
+    model = tiny_larimar()
+    editor = make_editor("larimar", model, model.tokenizer, keyed_writes=True, value_writes=True)
+    assert model.config.value_writes is True
+    editor.edit([REQ, REQ2])
+    objects = [REQ.target_new.strip(), REQ2.target_new.strip()]
+    torch.testing.assert_close(model.facts.Z, model.encoder(objects).to(model.facts.Z.dtype), atol=1e-5, rtol=1e-4)
+    assert model.facts.texts == editor.written  # the ledger keeps the whole facts (forget, scope detector)
+    with pytest.raises(ValueError, match="value_writes must be true or false"):
+        make_editor("larimar", model, model.tokenizer, value_writes=1)

@@ -227,6 +227,47 @@ def test_keyed_write_bad_keys_change_nothing():
     assert len(model) == 1 and torch.equal(model.facts.state.M, M)
 
 
+def test_fact_value_is_the_text_after_the_prompt():
+    from larimar.modeling.model import fact_value
+
+    assert fact_value("The Eiffel Tower is in London.", "The Eiffel Tower is in") == "London"
+    assert fact_value("What is the capital of France? Rome.", "What is the capital of France?") == "Rome"
+    assert fact_value("Apple was founded by Steve Jobs", "Apple was founded by ") == "Steve Jobs"
+    assert fact_value("Rome is nice.", "The capital of France is") == "Rome is nice."  # prompt not a prefix
+    assert fact_value("The capital is.", "The capital is") == "The capital is."  # nothing after the prompt
+
+
+def test_value_write_stores_the_value_latent_and_forgets_exactly():
+    """write(texts, keys, values): Z = latents of the values, W from the keys, ledger and scope from the texts."""
+    model = make("llama")
+    values = [f.removeprefix(p).strip(" .") for f, p in zip(FACTS, PROMPTS)]
+    model.write(FACTS, keys=PROMPTS, values=values)
+    torch.testing.assert_close(model.facts.Z, model.encoder(values).double(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(model.facts.keys, model.encoder(PROMPTS).double(), atol=1e-5, rtol=1e-4)
+    assert model.facts.texts == FACTS
+    torch.testing.assert_close(model.scope.keys, model.scope.normalise(model._embed_for_scope(FACTS)), atol=1e-5, rtol=1e-4)
+    M_before = model.facts.state.M.clone()
+    model.write(["Toko Yasuda plays the piano."], keys=["Toko Yasuda plays the"], values=["piano"])
+    model.forget(["Toko Yasuda plays the piano."])
+    torch.testing.assert_close(model.facts.state.M, M_before, atol=1e-9, rtol=1e-7)
+    M_before = model.facts.state.M.clone()
+    with pytest.raises(ValueError, match="values need keys"):
+        model.write(FACTS[:1], values=values[:1])
+    with pytest.raises(ValueError, match="1 texts but 2 values"):
+        model.write(FACTS[:1], keys=PROMPTS[:1], values=values[:2])
+    assert len(model) == 3 and torch.equal(model.facts.state.M, M_before)  # failed writes changed nothing
+
+
+def test_write_facts_follows_the_config():
+    """write_facts: auto-associative, keyed, or keyed value writes, as config.keyed_writes / value_writes say."""
+    values = [f.removeprefix(p).strip(" .") for f, p in zip(FACTS, PROMPTS)]
+    for keyed, value, z_of, k_of in ((False, True, FACTS, FACTS), (True, False, FACTS, PROMPTS), (True, True, values, PROMPTS)):
+        model = make("llama", keyed_writes=keyed, value_writes=value)
+        model.write_facts(FACTS, PROMPTS)
+        torch.testing.assert_close(model.facts.Z, model.encoder(z_of).double(), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model.facts.keys, model.encoder(k_of).double(), atol=1e-5, rtol=1e-4)
+
+
 def test_keyed_memory_save_load_keeps_keys(tmp_path):
     model = make("llama")
     model.write(FACTS[:2], keys=PROMPTS[:2])
@@ -311,9 +352,10 @@ def test_read_noise_sigma_w(model):
     assert not torch.allclose(noisy, clean)
 
 
-def test_output_offset_matches_independent_formula():
-    """logits = base-conditioned logits + sigmoid(gate(h/|h|)) * W_out (g(z) - g(0)), per position."""
-    m = make("llama", output_offset=True)
+@pytest.mark.parametrize("heads", [1, 3])
+def test_output_offset_matches_independent_formula(heads):
+    """logits = base-conditioned logits + sum_k sigmoid(gate_k(h/|h|)) * W_out (g_k(z, q) - g_k(0, q)), per position."""
+    m = make("llama", output_offset=True, output_heads=heads)
     z = torch.randn(2, 16)
     ids, att = m._tokenize_prompts(["The capital of France is", "Apple was founded by"], "right")
     q = torch.randn(2, 16)  # the queries' own latents
@@ -324,20 +366,40 @@ def test_output_offset_matches_independent_formula():
     h = ref_out.hidden_states[-1]
     head = m.out_offset
 
-    def g_of(a, b):
-        return head.proj(torch.nn.functional.gelu(head.inner(torch.cat([a, b], -1))))
-
-    g = g_of(z, q) - g_of(torch.zeros_like(z), q)
-    gate = torch.sigmoid(h / h.norm(dim=-1, keepdim=True) @ head.gate.weight.T + head.gate.bias)  # (B, T, 1)
+    H = m.kv_shape.hidden_size
     W = m.decoder.get_output_embeddings().weight
-    torch.testing.assert_close(got, ref_out.logits + gate * (g @ W.T)[:, None, :], atol=1e-4, rtol=1e-4)
+    expected = ref_out.logits.clone()
+    for k in range(heads):  # head k: rows k*H..(k+1)*H of proj, row k of gate
+        def g_of(a, b, k=k):
+            inner = torch.nn.functional.gelu(head.inner(torch.cat([a, b], -1)))
+            return inner @ head.proj.weight[k * H : (k + 1) * H].T + head.proj.bias[k * H : (k + 1) * H]
+
+        g = g_of(z, q) - g_of(torch.zeros_like(z), q)  # (B, H)
+        gate = torch.sigmoid(h / h.norm(dim=-1, keepdim=True) @ head.gate.weight[k] + head.gate.bias[k])  # (B, T)
+        expected = expected + gate[..., None] * (g @ W.T)[:, None, :]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(got, ref_out.logits, atol=1e-3)  # the offset reaches the logits
+
+
+def test_output_offset_expand_state_keeps_the_one_head_function():
+    """A 1-head offset's weights loaded into a 3-head module give the same logits (heads 2..3 start at zero)."""
+    one = make("llama", output_offset=True)
+    three = make("llama", output_offset=True, output_heads=3)
+    state = {k: v for k, v in one.adapter_state().items()}
+    three.load_adapter_state(three.out_offset.expand_state(state, prefix="out_offset."))
+    z, q = torch.randn(2, 16), torch.randn(2, 16)
+    ids, att = one._tokenize_prompts(["The capital of France is", "Apple was founded by"], "right")
+    a = one.runner.forward(ids, att, one.conditioning(z, q)).logits
+    b = three.runner.forward(ids, att, three.conditioning(z, q)).logits
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="rows"):
+        three.out_offset.expand_state({"proj.weight": torch.zeros(5, 4), "proj.bias": torch.zeros(5)})
 
 
 def test_output_offset_is_zero_for_empty_readout_and_untrained():
     m = make("llama", output_offset=True)
-    assert torch.equal(m.out_offset(torch.zeros(3, 16)), torch.zeros(3, m.kv_shape.hidden_size))
-    assert torch.equal(m.out_offset(torch.zeros(3, 16), torch.randn(3, 16)), torch.zeros(3, m.kv_shape.hidden_size))
+    assert torch.equal(m.out_offset(torch.zeros(3, 16)), torch.zeros(3, 1, m.kv_shape.hidden_size))
+    assert torch.equal(m.out_offset(torch.zeros(3, 16), torch.randn(3, 16)), torch.zeros(3, 1, m.kv_shape.hidden_size))
     fresh = Larimar(LarimarConfig(latent_size=16, memory_size=12, prefix_len=3, prefix_hidden=8, output_offset=True),
                     tiny_bert(), tiny_bert_tokenizer(), tiny_llama(kv_heads=1), tiny_tokenizer(pad_token=True))
-    assert torch.equal(fresh.out_offset(torch.randn(2, 16)), torch.zeros(2, fresh.kv_shape.hidden_size))
+    assert torch.equal(fresh.out_offset(torch.randn(2, 16)), torch.zeros(2, 1, fresh.kv_shape.hidden_size))

@@ -192,7 +192,8 @@ def test_warmstart_loss_falls_and_reaches_decoder(corpus):
                            distractor_prob=0.0, log_every=20, progress=False)
     assert hist[-1]["ce_object"] < 0.5 * hist[0]["ce_object"], [h["ce_object"] for h in hist]
     res = evaluate_warmstart(m, ws, episode_size=4)
-    assert set(res) == {"acc_query", "acc_rephrase"} and 0 <= res["acc_query"] <= 1  # no other facts: no distractor figure
+    assert {"acc_query", "acc_rephrase"} <= set(res) and 0 <= res["acc_query"] <= 1
+    assert "kl_distractor" not in res  # no other facts: no distractor figure
     assert m.out_offset.proj.weight.abs().sum() > 0  # the trained offset is non-zero and used by `conditioning`
     assert m.conditioning(torch.randn(1, 16)).output is not None
 
@@ -214,6 +215,121 @@ def test_run_warmstart_saves_and_resumes(corpus, tmp_path):
     run_warmstart(m2, cfg, tmp_path / "ws")  # reuses the saved result instead of training again
     for k, v in saved.items():
         assert torch.equal(m2.adapter_state()[k], v), k
+
+
+def write_questions(pr) -> Path:
+    path = pr / "questions.json"
+    path.write_text(json.dumps({"P1": "Which city was [X] born in?", "P2": "no placeholder", "P3": 7}))
+    return path
+
+
+def test_question_items_ask_the_template_and_rephrase_with_a_pattern(corpus):
+    import random
+
+    from larimar.training.data import load_question_templates, load_relations
+
+    _, pr = corpus
+    qpath = write_questions(pr)
+    assert load_question_templates(qpath) == {"P1": "Which city was [X] born in?"}  # malformed entries dropped
+    rel = load_relations(pr, question_templates=qpath)["P1"]
+    item, alt = rel.sample_with_rephrase(random.Random(0), question_prob=1.0)
+    assert item.query.startswith("Which city was Person ") and item.query.endswith(" born in?")
+    assert item.continuation in {" Paris", " Rome", " Oslo", " Lima"}
+    assert "born in" in alt or "lives" in alt  # a cloze pattern for the same subject
+    assert alt.split(" was ")[0] in item.query or alt.split(" is where ")[-1].removesuffix(" lives") in item.query
+    plain = load_relations(pr)["P1"]  # without templates (or question_prob 0) the draws are the cloze ones
+    assert plain.question is None
+    assert plain.sample_with_rephrase(random.Random(3)) == rel.sample_with_rephrase(random.Random(3), question_prob=0.0)
+    (pr / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="JSON object"):
+        load_question_templates(pr / "bad.json")
+
+
+def test_concat_sets_keeps_every_item_rows(corpus):
+    from larimar.training.warmstart import _rows_by_item, build_set, concat_sets
+
+    _, pr = corpus
+    m = tiny_output_model()
+    sampler = EpisodeSampler(None, pr, fact_fraction=1.0, val_fraction=0.0)
+    a = build_set(m, sampler, 3, max_tokens=32, progress=False, seed=0)
+    b = build_set(m, sampler, 2, max_tokens=32, progress=False, seed=1)
+    ab = concat_sets([a, b])
+    assert len(ab) == 5 and ab.hidden.shape[0] == a.hidden.shape[0] + b.hidden.shape[0]
+    rows_ab, rows_b = _rows_by_item(ab), _rows_by_item(b)
+    for i in range(2):  # item i of b is item 3 + i of the concatenation, with the same cached rows
+        for v in (0, 1):
+            torch.testing.assert_close(ab.hidden[rows_ab[2 * (3 + i) + v]], b.hidden[rows_b[2 * i + v]])
+            assert torch.equal(ab.target[rows_ab[2 * (3 + i) + v]], b.target[rows_b[2 * i + v]])
+
+
+def test_run_warmstart_question_items_and_init_adapter(corpus, tmp_path):
+    """Question items are cached beside the fact items and validated apart; init_adapter expands a 1-head offset."""
+    from larimar.training.cli import run_warmstart
+    from larimar.training.module import TRAIN_DEFAULTS, merge
+
+    _, pr = corpus
+    one = tiny_output_model()
+    with torch.no_grad():
+        one.out_offset.proj.weight.normal_(0, 0.1)
+    one.save_pretrained(tmp_path / "init")
+    cfg = merge(TRAIN_DEFAULTS, {
+        "data": {"pararel_root": str(pr), "exclude_eval_from": None, "val_fraction": 0.0, "question_templates": str(write_questions(pr))},
+        "warmstart": {"steps": 2, "items": 6, "val_items": 4, "log_every": 2, "question_items": 5, "question_val_items": 4,
+                      "init_adapter": str(tmp_path / "init"), "lr": 0.0},
+    })
+    cfg_model = LarimarConfig(**MODEL_CFG, output_offset=True, output_hidden=32, output_heads=2)
+    m = Larimar(cfg_model, tiny_bert(), tiny_bert_tokenizer(), tiny_llama(kv_heads=1), tiny_tokenizer(pad_token=True))
+    run_warmstart(m, cfg, tmp_path / "ws")
+    assert (tmp_path / "ws" / "sets_questions.pt").is_file()
+    hist = json.loads((tmp_path / "ws" / "history.json").read_text())
+    assert "val_question_acc_query" in hist[-1]
+    H = m.kv_shape.hidden_size  # lr 0: head 1 is the initial adapter's offset, head 2 starts at zero
+    torch.testing.assert_close(m.out_offset.proj.weight[:H], one.out_offset.proj.weight)
+    assert m.out_offset.proj.weight[H:].abs().sum() == 0
+    cfg["data"]["question_templates"] = None
+    with pytest.raises(ValueError, match="question_templates"):
+        run_warmstart(m, cfg, tmp_path / "ws2")
+
+
+def test_multi_head_output_offset_trains(corpus):
+    """A 2-head offset trains on the cached states like the 1-head one (loss falls)."""
+    from larimar.training.warmstart import build_set, train_warmstart
+
+    _, pr = corpus
+    torch.manual_seed(0)
+    cfg = LarimarConfig(**MODEL_CFG, output_offset=True, output_hidden=32, output_heads=2)
+    m = Larimar(cfg, tiny_bert(), tiny_bert_tokenizer(), tiny_llama(kv_heads=1), tiny_tokenizer(pad_token=True))
+    ws = build_set(m, EpisodeSampler(None, pr, fact_fraction=1.0, val_fraction=0.0), 4, max_tokens=32, progress=False)
+    hist = train_warmstart(m, ws, steps=100, lr=1e-2, items_per_step=4, episode_sizes=(4,), rephrase_prob=0.0,
+                           distractor_prob=0.0, log_every=20, progress=False)
+    assert hist[-1]["ce_object"] < 0.5 * hist[0]["ce_object"], [h["ce_object"] for h in hist]
+    assert m.out_offset.proj.weight[m.kv_shape.hidden_size :].abs().sum() > 0  # the second head learned too
+
+
+def test_warmstart_value_writes_store_object_latents(corpus):
+    """With value_writes, keyed episodes write the objects' embeddings: the loss changes with emb_value only then."""
+    import dataclasses
+
+    from larimar.training.warmstart import Episode, _rows_by_item, build_set, warmstart_loss
+
+    _, pr = corpus
+    m = tiny_output_model()
+    with torch.no_grad():
+        m.out_offset.proj.weight.normal_(0, 0.5)
+    ws = build_set(m, EpisodeSampler(None, pr, fact_fraction=1.0, val_fraction=0.0), 4, max_tokens=32, progress=False)
+    assert ws.emb_value is not None and ws.emb_value.shape == ws.emb_text.shape
+    other = dataclasses.replace(ws, emb_value=torch.randn_like(ws.emb_value))
+    rows = _rows_by_item(ws)
+    eps = [Episode([0, 1, 2, 3], [0, 1], [False, False], keyed=True)]
+
+    def loss(model, s):
+        return float(warmstart_loss(model, s, rows, eps, noise=False)["loss"])
+
+    assert loss(m, ws) == loss(m, other)  # fact writes ignore the value embeddings
+    m.config = m.config.replace(keyed_writes=True, value_writes=True)
+    assert loss(m, ws) != loss(m, other)
+    with pytest.raises(ValueError, match="no value embeddings"):
+        loss(m, dataclasses.replace(ws, emb_value=None))
 
 
 def test_memory_readout_keyed_write_answers_exact_keys():

@@ -84,6 +84,8 @@ class LarimarEditor:
         score_batch_size: sequences per decoder forward pass when scoring.
         keyed_writes: address each fact by its prompt's latent (see :meth:`Larimar.write`); default:
             the model config's ``keyed_writes``.
+        value_writes: with keyed writes, store each fact's value (its text after the prompt) rather
+            than the whole fact (see :meth:`Larimar.write_facts`); default: the model config's.
         write_batch_size: texts per encoder forward pass when writing.
     """
 
@@ -101,6 +103,7 @@ class LarimarEditor:
         scope_threshold: float | None = None,
         memory_size: int | None = None,
         keyed_writes: bool | None = None,
+        value_writes: bool | None = None,
         score_batch_size: int = 16,
         write_batch_size: int = 64,
     ) -> None:
@@ -134,10 +137,11 @@ class LarimarEditor:
             changes["addressing"] = addressing
         if scope_threshold is not None:
             changes["scope_threshold"] = float(scope_threshold)
-        if keyed_writes is not None:
-            if not isinstance(keyed_writes, bool):
-                raise ValueError(f"larimar editor: keyed_writes must be true or false, got {keyed_writes!r}")
-            changes["keyed_writes"] = keyed_writes
+        for name, flag in (("keyed_writes", keyed_writes), ("value_writes", value_writes)):
+            if flag is not None:
+                if not isinstance(flag, bool):
+                    raise ValueError(f"larimar editor: {name} must be true or false, got {flag!r}")
+                changes[name] = flag
         if changes:
             model.config = model.config.replace(**changes)  # validates the values
             if "scope_threshold" in changes:

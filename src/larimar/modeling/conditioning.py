@@ -15,7 +15,9 @@ Design:
 - `OutputOffset` (optional, our addition): a gated offset on the decoder's final hidden state,
   i.e. logits += gate(h_t) * W_out (g(z_r, q) - g(0, q)), q the query's own latent. It is the shortest path from memory to the answer and can be
   trained without backpropagating through the decoder (see `larimar.training.warmstart`); the gate, read
-  from each position's own final hidden state, opens where the memory's content is due.
+  from each position's own final hidden state, opens where the memory's content is due. With m > 1
+  heads (`output_heads`) each head has its own gate and offset, so successive answer positions can
+  take different tokens: logits += sum_k gate_k(h_t) * W_out (g_k(z_r, q) - g_k(0, q)).
 - `ConditionedDecoder` runs forward passes and a KV-cached generation loop with or without the
   conditioning; with no conditioning it calls the base model unchanged (logits identical).
 """
@@ -111,46 +113,71 @@ class EmbeddingOffset(nn.Module):
 
 
 class OutputOffset(nn.Module):
-    """(z_r, q) (B, C) each -> (B, hidden) offset on the final hidden state, applied through a per-position gate.
+    """(z_r, q) (B, C) each -> (B, m, hidden): m offsets on the final hidden state, each applied through its own per-position gate.
 
     The offset sees the read-out z_r *and* the query's own latent q: a sentence encoding is dominated by
     what the query already says (subject, relation), and the memory's news (the object) is what z_r adds
     to it. `forward(z, q)` returns g(z, q) - g(0, q), so an all-zero read-out (empty memory) changes nothing.
-    `apply(logits, hidden, bias)`: logits (B, T, V) + sigmoid(gate(norm(h_t))) * bias, with
-    bias = `logit_bias(offset, W_out)` = offset @ W_outᵀ (B, V), computed once per forward or generation.
-    The last layer starts at zero: an untrained offset leaves the logits unchanged.
+    `apply(logits, hidden, bias)`: logits (B, T, V) + sum_k sigmoid(gate_k(norm(h_t))) * bias_k, with
+    bias = `logit_bias(offset, W_out)` = offset @ W_outᵀ (B, m, V), computed once per forward or generation.
+
+    With m = 1 head (the default) the same vocabulary bias is added at every position, so the tokens of a
+    multi-token answer cannot be put in order; with m > 1 the gates, which see h_t, can open one head per
+    answer position (head k carrying the k-th answer token). The last layer starts at zero: an untrained
+    offset leaves the logits unchanged.
     """
 
-    def __init__(self, latent_size: int, hidden_size: int, inner: int = 1024):
+    def __init__(self, latent_size: int, hidden_size: int, inner: int = 1024, heads: int = 1):
         super().__init__()
+        if heads < 1:
+            raise ValueError(f"OutputOffset: heads must be >= 1, got {heads}")
+        self.heads, self.hidden_size = heads, hidden_size
         self.inner = nn.Linear(2 * latent_size, inner)
-        self.proj = nn.Linear(inner, hidden_size)
-        self.gate = nn.Linear(hidden_size, 1)
+        self.proj = nn.Linear(inner, heads * hidden_size)
+        self.gate = nn.Linear(hidden_size, heads)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
     def _g(self, z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        return self.proj(nn.functional.gelu(self.inner(torch.cat([z, q], dim=-1))))
+        out = self.proj(nn.functional.gelu(self.inner(torch.cat([z, q], dim=-1))))  # (B, m * hidden)
+        return out.view(*out.shape[:-1], self.heads, self.hidden_size)  # (B, m, hidden)
 
     def forward(self, z: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
-        """z: (B, C) read-outs; q: (B, C) the queries' latents (None: zeros). Returns (B, hidden)."""
+        """z: (B, C) read-outs; q: (B, C) the queries' latents (None: zeros). Returns (B, m, hidden)."""
         z = z.to(self.inner.weight.dtype)
         q = torch.zeros_like(z) if q is None else q.to(z.dtype).expand_as(z)
         return self._g(z, q) - self._g(torch.zeros_like(z), q)
 
     def gate_values(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (..., H) -> gate in (0, 1), shape (..., 1)."""
+        """hidden (..., H) -> gates in (0, 1), shape (..., m)."""
         h = nn.functional.normalize(hidden.float(), dim=-1).to(self.gate.weight.dtype)
         return torch.sigmoid(self.gate(h))
 
     @staticmethod
     def logit_bias(offset: torch.Tensor, out_weight: torch.Tensor) -> torch.Tensor:
-        """offset (B, H), out_weight (V, H) -> (B, V): the offset as logits (constant over positions)."""
+        """offset (B, m, H), out_weight (V, H) -> (B, m, V): each head's offset as logits (constant over positions)."""
         return offset.to(out_weight.dtype) @ out_weight.T
 
     def apply(self, logits: torch.Tensor, hidden: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """logits (B, T, V), hidden (B, T, H) final hidden states, bias (B, V) from `logit_bias`."""
-        return logits + self.gate_values(hidden).to(logits.dtype) * bias[:, None, :].to(logits.dtype)
+        """logits (B, T, V), hidden (B, T, H) final hidden states, bias (B, m, V) from `logit_bias`."""
+        gates = self.gate_values(hidden).to(logits.dtype)  # (B, T, m)
+        return logits + torch.bmm(gates, bias.to(logits.dtype))  # (B, T, m) @ (B, m, V) -> (B, T, V)
+
+    def expand_state(self, state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+        """A state dict of a 1-head offset -> this module's m heads: head 1 keeps it, heads 2..m start with
+        zero offsets and head 1's gate (so the expanded module computes exactly what the 1-head one did)."""
+        out = dict(state)
+        w, b = state[prefix + "proj.weight"], state[prefix + "proj.bias"]
+        if w.shape[0] == self.heads * self.hidden_size:
+            return out
+        if w.shape[0] != self.hidden_size:
+            raise ValueError(f"OutputOffset.expand_state: proj has {w.shape[0]} rows, expected {self.hidden_size}")
+        m = self.heads
+        out[prefix + "proj.weight"] = torch.cat([w, w.new_zeros((m - 1) * w.shape[0], w.shape[1])])
+        out[prefix + "proj.bias"] = torch.cat([b, b.new_zeros((m - 1) * b.shape[0])])
+        out[prefix + "gate.weight"] = state[prefix + "gate.weight"].repeat(m, 1)
+        out[prefix + "gate.bias"] = state[prefix + "gate.bias"].repeat(m)
+        return out
 
 
 def cache_to_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -175,7 +202,7 @@ class Conditioning:
 
     prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     offset: torch.Tensor | None = None  # (B, 1, hidden)
-    output: torch.Tensor | None = None  # (B, hidden), applied by `output_head`
+    output: torch.Tensor | None = None  # (B, m, hidden), applied by `output_head`
     output_head: OutputOffset | None = None
 
     @property
@@ -234,7 +261,7 @@ class ConditionedDecoder:
         return self._apply_output(out, cond, self._output_bias(cond))
 
     def _output_bias(self, cond: Conditioning | None) -> torch.Tensor | None:
-        """(B, V) logit bias of the conditioning's output offset (None without one)."""
+        """(B, m, V) logit bias of the conditioning's output offset (None without one)."""
         if cond is None or cond.output is None:
             return None
         if cond.output_head is None:

@@ -34,6 +34,7 @@ class LarimarConfig:
     embedding_offset: bool = True  # the official code's extra per-token embedding offset from z_r
     output_offset: bool = False  # gated offset on the final hidden state (OutputOffset; our addition)
     output_hidden: int = 1024  # inner width of the output offset's MLP
+    output_heads: int = 1  # gated heads of the output offset (> 1: one per answer position, see OutputOffset)
     # memory
     addressing: str = "reference"
     memory_prior: str = "zero"
@@ -42,6 +43,7 @@ class LarimarConfig:
     pinv_method: str = "svd"
     sigma_w: float = 0.0  # read-time noise on W (robustness experiments)
     keyed_writes: bool = False  # editors that know each fact's prompt address the fact by the prompt's latent
+    value_writes: bool = False  # keyed writes store the fact's value (text after the prompt), not the whole fact
     # scope detector (paper §4)
     scope_threshold: float = 0.65  # near the equal-error point on CounterFact dev (larimar scope)
     use_scope_detector: bool = True
@@ -63,7 +65,7 @@ class LarimarConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"LarimarConfig.{name}={value!r}: expected one of {allowed}")
-        for name in ("latent_size", "memory_size", "prefix_len", "prefix_hidden", "output_hidden", "max_encoder_tokens"):
+        for name in ("latent_size", "memory_size", "prefix_len", "prefix_hidden", "output_hidden", "output_heads", "max_encoder_tokens"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"LarimarConfig.{name} must be positive, got {getattr(self, name)}")
         if self.ridge <= 0:

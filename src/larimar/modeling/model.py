@@ -48,6 +48,18 @@ def default_adapter_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "assets" / "default"
 
 
+def fact_value(text: str, prompt: str) -> str:
+    """The part of a fact after its prompt, without the closing full stop ("London" for "The Eiffel Tower
+    is in London." and "The Eiffel Tower is in"); the whole text if it does not start with the prompt
+    or nothing is left."""
+    t, p = text.strip(), prompt.strip()
+    if not t.startswith(p):
+        return t
+    value = t[len(p) :].strip()
+    value = value[:-1].rstrip() if value.endswith(".") else value
+    return value or t
+
+
 class Larimar(nn.Module):
     """Editable episodic memory around any HF encoder and causal LM."""
 
@@ -65,7 +77,7 @@ class Larimar(nn.Module):
         self.kv_shape = KVShape.from_config(decoder.config)
         self.kv_prefix = KVPrefix(C, self.kv_shape, config.prefix_len, config.prefix_hidden)
         self.emb_offset = EmbeddingOffset(C, self.kv_shape.hidden_size) if config.embedding_offset else None
-        self.out_offset = OutputOffset(C, self.kv_shape.hidden_size, config.output_hidden) if config.output_offset else None
+        self.out_offset = OutputOffset(C, self.kv_shape.hidden_size, config.output_hidden, config.output_heads) if config.output_offset else None
         # M0: learned prior / reference memory (K, C); rows ~ N(0, 1/C) so that ||M0 row|| ~ 1
         g = torch.Generator().manual_seed(0)
         self.M0 = nn.Parameter(torch.randn(K, C, generator=g) / math.sqrt(C))
@@ -182,7 +194,14 @@ class Larimar(nn.Module):
         return len(self.facts)
 
     @torch.no_grad()
-    def write(self, texts: list[str] | str, batch_size: int = 128, *, keys: list[str] | str | None = None) -> None:
+    def write(
+        self,
+        texts: list[str] | str,
+        batch_size: int = 128,
+        *,
+        keys: list[str] | str | None = None,
+        values: list[str] | str | None = None,
+    ) -> None:
         """Write facts to memory in one shot (no gradient step). On any error memory is unchanged.
 
         `keys`: one text per fact (e.g. the prompt that should recall it, "The capital of France is"
@@ -190,6 +209,10 @@ class Larimar(nn.Module):
         address of its key's latent, so that reading with the key returns the fact even when the
         memory holds about C or more facts (where an auto-associative read returns the query
         itself). Default: the paper's auto-associative write, each fact addressed by itself.
+
+        `values` (keyed writes only): one text per fact whose latent is stored instead of the fact's
+        (a *value write*, e.g. the object " London" under the key "The Eiffel Tower is in"); the fact
+        texts still name the ledger entries (forget) and feed the scope detector.
         """
         texts = check_texts(texts, "write")
         n, Zk = len(texts), None
@@ -197,17 +220,36 @@ class Larimar(nn.Module):
             keys = check_texts(keys, "write keys")
             if len(keys) != n:
                 raise ValueError(f"write: {n} texts but {len(keys)} keys")
-        Z, E = self.encoder.encode_with_embedding(texts + (keys or []), batch_size=batch_size)  # one pass for both
+        if values is not None:
+            if keys is None:
+                raise ValueError("write: values need keys (a value write is a keyed write)")
+            values = check_texts(values, "write values")
+            if len(values) != n:
+                raise ValueError(f"write: {n} texts but {len(values)} values")
+        # one encoder pass for texts, keys and values
+        Z, E = self.encoder.encode_with_embedding(texts + (keys or []) + (values or []), batch_size=batch_size)
         if keys is not None:
-            Z, E, Zk = Z[:n], E[:n], Z[n:]  # (N, C), (N, H), (N, C)
+            Z, E, Zk, Zv = Z[:n], E[:n], Z[n : 2 * n], Z[2 * n :]  # (N, C), (N, H), (N, C), (N, C) or (0, C)
+            if values is not None:
+                Z = Zv
         facts = self.facts.write(texts, Z, E, Zk)
         self.facts = facts
         self.scope.set_keys(facts.E)
 
     def write_facts(self, texts: list[str], prompts: list[str], batch_size: int = 128) -> None:
         """Write facts whose prompts are known: keyed by the prompts when `config.keyed_writes` (each fact
-        stored at its prompt's address), else the paper's auto-associative write."""
-        self.write(list(texts), batch_size, keys=list(prompts) if self.config.keyed_writes else None)
+        stored at its prompt's address), else the paper's auto-associative write.
+
+        With `config.value_writes` (and keyed writes) what is stored is each fact's *value*: its text
+        after the prompt ("The Eiffel Tower is in London." under "The Eiffel Tower is in" stores
+        "London"); a fact that does not start with its prompt stores its whole text.
+        """
+        texts, prompts = list(texts), list(prompts)
+        if not self.config.keyed_writes:
+            self.write(texts, batch_size)
+            return
+        values = [fact_value(t, p) for t, p in zip(texts, prompts)] if self.config.value_writes else None
+        self.write(texts, batch_size, keys=prompts, values=values)
 
     @torch.no_grad()
     def forget(self, texts: list[str] | str) -> None:

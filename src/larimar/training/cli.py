@@ -128,7 +128,7 @@ def run_warmstart(model, train_cfg: dict, directory: Path, *, resume: bool = Tru
     from safetensors.torch import load_file
 
     from larimar.training.data import EpisodeSampler
-    from larimar.training.warmstart import build_set, train_warmstart
+    from larimar.training.warmstart import build_set, concat_sets, train_warmstart
 
     done = directory / "adapter.safetensors"
     if resume and done.is_file():
@@ -136,6 +136,14 @@ def run_warmstart(model, train_cfg: dict, directory: Path, *, resume: bool = Tru
         model.load_adapter_state(load_file(str(done)))
         return
     w, d = train_cfg["warmstart"], train_cfg["data"]
+    if w.get("init_adapter"):
+        init = Path(w["init_adapter"])
+        init = init / "adapter.safetensors" if init.is_dir() else init
+        state = {k: v.float() for k, v in load_file(str(init)).items()}
+        if model.out_offset is not None:
+            state = model.out_offset.expand_state(state, prefix="out_offset.")
+        model.load_adapter_state(state)
+        print(f"warm start: initialised from {init}")
     torch.manual_seed(d["seed"])
     sampler = EpisodeSampler(None, d["pararel_root"], split="train", fact_fraction=1.0, seed=d["seed"], exclude_eval_from=d.get("exclude_eval_from"))
     distractors = None
@@ -149,6 +157,9 @@ def run_warmstart(model, train_cfg: dict, directory: Path, *, resume: bool = Tru
         **{k: v for k, v in kw.items() if k != "distractor_sentences"},
     }
     sets = torch.load(cache, weights_only=False) if resume and cache.is_file() else None
+    if sets is not None and model.config.value_writes and any(s.emb_value is None for s in (sets["train"], sets["val"])):
+        print("warm start: the cached decoder states lack value embeddings (older cache); rebuilding")
+        sets = None
     if sets is not None and sets.get("key") == key:
         print(f"warm start: reusing cached decoder states {cache}")
         train_set, val_set = sets["train"], sets["val"]
@@ -159,6 +170,31 @@ def run_warmstart(model, train_cfg: dict, directory: Path, *, resume: bool = Tru
         tmp = cache.with_suffix(".tmp")
         torch.save({"key": key, "train": train_set, "val": val_set}, tmp)
         tmp.replace(cache)
+    extra_val = {}
+    if w.get("question_items", 0) > 0:
+        if not d.get("question_templates"):
+            raise ValueError("warmstart.question_items > 0 needs data.question_templates")
+        q_sampler = EpisodeSampler(
+            None, d["pararel_root"], split="train", fact_fraction=1.0, seed=d["seed"],
+            exclude_eval_from=d.get("exclude_eval_from"), question_templates=d["question_templates"],
+        )
+        q_cache = directory / "sets_questions.pt"
+        q_key = {**key, "question_items": w["question_items"], "question_val_items": w["question_val_items"], "question_templates": d["question_templates"]}
+        q_sets = torch.load(q_cache, weights_only=False) if resume and q_cache.is_file() else None
+        if q_sets is not None and q_sets.get("key") == q_key:
+            print(f"warm start: reusing cached question states {q_cache}")
+        else:
+            # fresh draws for validation (other seed); objects are random, so there is nothing to memorise
+            q_sets = {
+                "key": q_key,
+                "train": build_set(model, q_sampler, w["question_items"], seed=d["seed"] + 2, question_prob=1.0, **kw),
+                "val": build_set(model, q_sampler, w["question_val_items"], seed=d["seed"] + 3, question_prob=1.0, **kw),
+            }
+            tmp = q_cache.with_suffix(".tmp")
+            torch.save(q_sets, tmp)
+            tmp.replace(q_cache)
+        train_set = concat_sets([train_set, q_sets["train"]])
+        extra_val["question"] = q_sets["val"]
     history = train_warmstart(
         model,
         train_set,
@@ -172,6 +208,7 @@ def run_warmstart(model, train_cfg: dict, directory: Path, *, resume: bool = Tru
         large_episode_prob=w["large_episode_prob"],
         large_query_items=w["large_query_items"],
         val=val_set,
+        extra_val=extra_val,
         seed=d["seed"],
         log_every=w["log_every"],
     )

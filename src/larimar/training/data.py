@@ -124,24 +124,46 @@ class Relation:
     patterns: list[str]
     subjects: list[str]
     objects: list[str]
+    question: str | None = None  # a question template ("What is the capital of [X]?"), if one is known
 
     def sample(self, rng: random.Random) -> Item:
         # object drawn afresh at every draw: no subject->object mapping exists to memorise
         pattern, subject, obj = rng.choice(self.patterns), rng.choice(self.subjects), rng.choice(self.objects)
         return Item(pattern.replace("[X]", subject), " " + obj, "fact")
 
-    def sample_with_rephrase(self, rng: random.Random) -> tuple[Item, str]:
-        """A fact item and the same fact asked with another pattern (a paraphrased query), if the relation has one."""
+    def sample_with_rephrase(self, rng: random.Random, question_prob: float = 0.0) -> tuple[Item, str]:
+        """A fact item and the same fact asked with another pattern (a paraphrased query), if the relation has one.
+
+        With probability `question_prob` (relations with a question template only) the item asks the
+        question ("Which country is X located in? France.") and the rephrasing is a cloze pattern.
+        """
         pattern, subject, obj = rng.choice(self.patterns), rng.choice(self.subjects), rng.choice(self.objects)
         others = [p for p in self.patterns if p != pattern]
         other = rng.choice(others) if others else pattern
+        if self.question is not None and question_prob > 0 and rng.random() < question_prob:
+            return Item(self.question.replace("[X]", subject), " " + obj, "fact"), pattern.replace("[X]", subject)
         return Item(pattern.replace("[X]", subject), " " + obj, "fact"), other.replace("[X]", subject)
 
 
-def load_relations(pararel_root: str | Path, *, exclude_subjects: set[str] | None = None) -> dict[str, Relation]:
-    """relation id -> Relation, from PARAREL patterns ending in '[Y].' and T-REx facts."""
+def load_question_templates(path: str | Path) -> dict[str, str]:
+    """relation id -> question template with one '[X]' (a JSON object, e.g. templates/question_templates.json)."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"question templates {path}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"question templates {path}: expected a JSON object relation id -> template")
+    return {str(k): str(v).strip() for k, v in raw.items() if isinstance(v, str) and str(v).count("[X]") == 1}
+
+
+def load_relations(
+    pararel_root: str | Path, *, exclude_subjects: set[str] | None = None, question_templates: str | Path | None = None
+) -> dict[str, Relation]:
+    """relation id -> Relation, from PARAREL patterns ending in '[Y].' and T-REx facts (and question
+    templates from `question_templates`, a JSON file relation id -> template, where given)."""
     root = Path(pararel_root)
     exclude = exclude_subjects or set()
+    questions = load_question_templates(question_templates) if question_templates else {}
     out: dict[str, Relation] = {}
     for pat_file in sorted((root / "graphs_json").glob("P*.jsonl")):
         facts_file = root / "trex_lms_vocab" / pat_file.name
@@ -158,7 +180,7 @@ def load_relations(pararel_root: str | Path, *, exclude_subjects: set[str] | Non
         subjects = sorted({f["sub_label"] for f in facts if f["sub_label"].strip().lower() not in exclude})
         objects = sorted({f["obj_label"] for f in facts})
         if patterns and subjects and len(objects) > 1:
-            out[pat_file.stem] = Relation(patterns, subjects, objects)
+            out[pat_file.stem] = Relation(patterns, subjects, objects, questions.get(pat_file.stem))
     return out
 
 
@@ -175,6 +197,7 @@ class EpisodeSampler:
         fact_fraction: float = 0.5,
         seed: int = 0,
         exclude_eval_from: str | Path | None = None,
+        question_templates: str | Path | None = None,
     ):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -187,7 +210,8 @@ class EpisodeSampler:
         self.relations: list[Relation] = []
         if pararel_root is not None and fact_fraction > 0:
             exclude = _eval_subjects(Path(exclude_eval_from)) if exclude_eval_from else set()
-            for rel, relation in load_relations(pararel_root, exclude_subjects=exclude).items():
+            relations = load_relations(pararel_root, exclude_subjects=exclude, question_templates=question_templates)
+            for rel, relation in relations.items():
                 if is_validation("pararel#" + rel, val_fraction * 2) == (split == "val"):
                     self.relations.append(relation)
         self.fact_fraction = fact_fraction if self.relations else 0.0

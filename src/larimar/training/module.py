@@ -37,6 +37,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
         "text_root": "../shared/data/text",
         "pararel_root": "../shared/data/pararel",
         "exclude_eval_from": "../shared/data",
+        "question_templates": None,  # JSON relation id -> question template (stage 1 question items)
         "fact_fraction": 0.5,
         "episode_size": 16,
         "n_ae": 4,
@@ -73,6 +74,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {
         "keyed_prob": 0.0,  # share of episodes written with keyed writes (W from the query latents)
         "large_episode_prob": 0.0,  # share of steps with one large episode (64..K facts written)
         "large_query_items": 32,  # facts queried (loss) in a large episode
+        "question_items": 0,  # extra items asked as questions (data.question_templates), cached separately
+        "question_val_items": 256,  # question items held out for validation (fresh draws: objects are random)
+        "init_adapter": None,  # start from this adapter (directory or .safetensors); a 1-head output offset is expanded
         "log_every": 100,
     },
     "train_encoder": False,

@@ -51,6 +51,7 @@ class WarmstartSet:
     is_object: torch.Tensor  # (R,) bool: the position predicts an object token (else a query token)
     row_item: torch.Tensor  # (R,) item index of each row
     row_variant: torch.Tensor  # (R,) 0: the row comes from "query + object", 1: from "rephrased query + object"
+    emb_value: torch.Tensor | None = None  # (N, H_enc) of the object alone (value writes); None in older caches
 
     def __len__(self) -> int:
         return self.emb_text.shape[0]
@@ -73,6 +74,7 @@ def build_set(
     seed: int = 0,
     distractor_sentences: list[str] | None = None,
     distractor_prob: float = 0.5,
+    question_prob: float = 0.0,
     progress: bool = True,
 ) -> WarmstartSet:
     """Draw `n_items` fact items from `sampler`, encode them and cache the decoder's final hidden states.
@@ -81,11 +83,17 @@ def build_set(
     rephrased query is another pattern for the same subject, preceded with probability
     `distractor_prob` by an unrelated sentence from `distractor_sentences` (users -- and CounterFact's
     paraphrase prompts -- often ask after some other text).
+
+    `question_prob` > 0: items are drawn from the relations with a question template only, and asked
+    as questions with that probability (`Relation.sample_with_rephrase`).
     """
-    if not sampler.relations:
-        raise ValueError("warm start needs fact relations (train.data.pararel_root)")
+    relations = sampler.relations
+    if question_prob > 0:
+        relations = [r for r in relations if r.question is not None]
+    if not relations:
+        raise ValueError("warm start needs fact relations (train.data.pararel_root; question_templates for question items)")
     rng = random.Random(seed)
-    pairs = [rng.choice(sampler.relations).sample_with_rephrase(rng) for _ in range(n_items)]
+    pairs = [rng.choice(relations).sample_with_rephrase(rng, question_prob) for _ in range(n_items)]
     items = [p[0] for p in pairs]
     rephrased = []
     for _, alt in pairs:
@@ -96,6 +104,7 @@ def build_set(
     emb_text = model.encoder.embed([it.text for it in items]).float()
     emb_query = model.encoder.embed([it.query for it in items]).float()
     emb_reph = model.encoder.embed(rephrased).float()
+    emb_value = model.encoder.embed([it.continuation.strip() for it in items]).float()
     _report(f"warm start: encoded {n_items} items in {time.perf_counter() - t0:.0f} s", progress)
     tok = model.tokenizer
     hidden, target, is_obj, row_item, row_variant = [], [], [], [], []
@@ -141,6 +150,28 @@ def build_set(
         torch.tensor(is_obj),
         torch.tensor(row_item),
         torch.tensor(row_variant),
+        emb_value.cpu(),
+    )
+
+
+def concat_sets(sets: list[WarmstartSet]) -> WarmstartSet:
+    """One WarmstartSet holding the items of `sets` in order (row item indices shifted)."""
+    if not sets:
+        raise ValueError("concat_sets: no sets")
+    shifts, n = [], 0
+    for ws in sets:
+        shifts.append(n)
+        n += len(ws)
+    return WarmstartSet(
+        torch.cat([ws.emb_text for ws in sets]),
+        torch.cat([ws.emb_query for ws in sets]),
+        torch.cat([ws.emb_rephrase for ws in sets]),
+        torch.cat([ws.hidden for ws in sets]),
+        torch.cat([ws.target for ws in sets]),
+        torch.cat([ws.is_object for ws in sets]),
+        torch.cat([ws.row_item + k for ws, k in zip(sets, shifts)]),
+        torch.cat([ws.row_variant for ws in sets]),
+        None if any(ws.emb_value is None for ws in sets) else torch.cat([ws.emb_value for ws in sets]),
     )
 
 
@@ -175,9 +206,13 @@ def warmstart_loss(
     """Loss of the output path for a list of episodes.
 
     Queried facts must produce their object; distractors (items not written) keep the base model's
-    prediction (KL). Keyed episodes address each written fact by its query's latent.
+    prediction (KL). Keyed episodes address each written fact by its query's latent, and with
+    `model.config.value_writes` store the object's latent instead of the fact's (value writes).
     """
     head, M0, lam = model.encoder.head, model.M0, model.config.ridge
+    values = bool(getattr(model.config, "value_writes", False))
+    if values and ws.emb_value is None:
+        raise ValueError("value_writes: this warm-start set has no value embeddings (rebuild its cache)")
     W = model.decoder.get_output_embeddings().weight  # (V, H), frozen
     dev = M0.device
     z_parts, q_parts, q_rows, q_is_distractor = [], [], [], []  # q_rows: key 2 * item + variant of each query
@@ -185,7 +220,7 @@ def warmstart_loss(
         M0_pinv = pinv(M0.float())  # (C, K), once for all episodes
     for ep in episodes:
         idx = torch.tensor(ep.items)
-        Z = head(ws.emb_text[idx].to(dev))  # (E, C)
+        Z = head((ws.emb_value if values and ep.keyed else ws.emb_text)[idx].to(dev))  # (E, C)
         keys = head(ws.emb_query[idx].to(dev)) if ep.keyed else None  # (E, C)
         qe = [ws.emb_rephrase[i] if r else ws.emb_query[i] for i, r in zip(ep.queried, ep.rephrase)]
         Q = head(torch.stack(qe + [ws.emb_query[i] for i in ep.distractors]).to(dev))  # (Eq + D, C)
@@ -213,8 +248,10 @@ def warmstart_loss(
     Wl = W.to(torch.bfloat16) if fast else W.float()
     with torch.no_grad():
         base = (h.to(Wl.dtype) @ Wl.T).float()  # (R, V)
-    bias = (offset.to(Wl.dtype) @ Wl.T).float()  # (Nq, V)
-    logits = base + model.out_offset.gate_values(h).float() * bias[row_q]
+    gates = model.out_offset.gate_values(h).float()  # (R, m)
+    # sum_k gate_k * (offset_k @ W_outᵀ) == (sum_k gate_k * offset_k) @ W_outᵀ: mix the heads in hidden space
+    mixed = torch.bmm(gates[:, None, :], offset.float()[row_q]).squeeze(1)  # (R, 1, m) @ (R, m, H) -> (R, H)
+    logits = base + (mixed.to(Wl.dtype) @ Wl.T).float()  # (R, V)
     logp = logits.log_softmax(-1)
     ce = -logp.gather(1, tgt[:, None]).squeeze(1)  # (R,)
     w = torch.where(obj, torch.ones_like(ce), torch.full_like(ce, context_weight)) * (~dis).float()
@@ -230,6 +267,9 @@ def warmstart_loss(
     first_rows = first & torch.cat([torch.tensor([True], device=dev), row_q[1:] != row_q[:-1]])  # first row of each query
     if bool(first_rows.any()):
         out["acc_object"] = (logits[first_rows].argmax(-1) == tgt[first_rows]).float().mean()
+        later = first & ~first_rows  # object tokens after the first (teacher forced)
+        if bool(later.any()):
+            out["acc_later"] = (logits[later].argmax(-1) == tgt[later]).float().mean()
     out["loss"] = out["ce_object"] + out["kl_distractor"]
     return out
 
@@ -290,11 +330,15 @@ def train_warmstart(
     large_episode_prob: float = 0.0,
     large_query_items: int = 32,
     val: WarmstartSet | None = None,
+    extra_val: dict[str, WarmstartSet] | None = None,
     seed: int = 0,
     log_every: int = 100,
     progress: bool = True,
 ) -> list[dict[str, float]]:
-    """Train encoder head, M0 and the output offset on cached states. Returns the logged history."""
+    """Train encoder head, M0 and the output offset on cached states. Returns the logged history.
+
+    `extra_val`: further validation sets (name -> set), evaluated with keyed episodes of 16 facts.
+    """
     if model.out_offset is None:
         raise ValueError("warm start trains the output offset: set output_offset: true in the model config")
     rng = random.Random(seed)
@@ -305,6 +349,7 @@ def train_warmstart(
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
     running: dict[str, float] = {}
+    counts: dict[str, int] = {}
     for step in range(1, steps + 1):
         eps = sample_episodes(
             rng, len(ws), items_per_step, episode_sizes, rephrase_prob, distractor_prob,
@@ -319,10 +364,10 @@ def train_warmstart(
         sched.step()
         for k, v in out.items():
             running[k] = running.get(k, 0.0) + float(v.detach())
+            counts[k] = counts.get(k, 0) + 1
         if step % log_every == 0 or step == steps:
-            n = log_every if step % log_every == 0 else step % log_every
-            rec = {"step": step, "minutes": (time.perf_counter() - t0) / 60, **{k: v / n for k, v in running.items()}}
-            running = {}
+            rec = {"step": step, "minutes": (time.perf_counter() - t0) / 60, **{k: v / counts[k] for k, v in running.items()}}
+            running, counts = {}, {}
             if val is not None:
                 rec.update({f"val_{k}": v for k, v in evaluate_warmstart(model, val).items()})
                 if keyed_prob > 0 or large_episode_prob > 0:
@@ -331,6 +376,8 @@ def train_warmstart(
                     big = min(len(val), model.config.memory_size // 2)
                     res = evaluate_warmstart(model, val, keyed=True, episode_size=big, max_queried=64)
                     rec.update({f"val_keyed{big}_{k}": v for k, v in res.items()})
+            for name, extra in (extra_val or {}).items():  # e.g. question-form facts: keyed, 16 in memory
+                rec.update({f"val_{name}_{k}": v for k, v in evaluate_warmstart(model, extra, keyed=True).items()})
             history.append(rec)
             _report("warm start " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()), progress)
     return history
@@ -354,7 +401,10 @@ def evaluate_warmstart(
     res = {}
     for name, r in (("acc_query", False), ("acc_rephrase", True)):
         batch = [Episode(e, e[:nq], [r] * nq, keyed=keyed) for e in eps]
-        res[name] = float(warmstart_loss(model, ws, rows_of, batch, noise=False)["acc_object"])
+        out = warmstart_loss(model, ws, rows_of, batch, noise=False)
+        res[name] = float(out["acc_object"])
+        if "acc_later" in out:
+            res[name.replace("acc_", "acc_later_")] = float(out["acc_later"])
     in_episode = [set(e) for e in eps]
     others = [[j for j in idx if j not in s] for s in in_episode]
     if all(others):  # a held-out fact queried against each episode's memory
