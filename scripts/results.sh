@@ -16,6 +16,7 @@ run eval zsre        --method unedited --n 200 --out "$R/zsre_unedited"
 run eval sequential  --n 1000 --eval-max 200 --methods larimar --out "$R/sequential"
 run eval forget      --n 5 --no-icl --out "$R/forget_noicl"
 run eval forget      --n 5 --out "$R/forget"
+run eval counterfact --method larimar  --n 200 --out "$R/cf_larimar_factwrite200" --set value_writes=false
 run eval counterfact --method larimar  --n 200 --out "$R/cf_larimar_paperwrite200" --set keyed_writes=false
 run eval counterfact --method larimar  --n 500 --out "$R/cf_larimar_noscope" --set scope_detector=false
 run eval robustness  --n 50 --out "$R/robustness"

@@ -392,6 +392,9 @@ def test_output_offset_expand_state_keeps_the_one_head_function():
     a = one.runner.forward(ids, att, one.conditioning(z, q)).logits
     b = three.runner.forward(ids, att, three.conditioning(z, q)).logits
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    gates = three.out_offset.gate.weight
+    assert not torch.equal(gates[1], gates[2])  # new heads differ, or they would train as clones
+    torch.testing.assert_close(gates[0], one.out_offset.gate.weight[0])
     with pytest.raises(ValueError, match="rows"):
         three.out_offset.expand_state({"proj.weight": torch.zeros(5, 4), "proj.bias": torch.zeros(5)})
 

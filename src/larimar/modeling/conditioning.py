@@ -165,7 +165,8 @@ class OutputOffset(nn.Module):
 
     def expand_state(self, state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
         """A state dict of a 1-head offset -> this module's m heads: head 1 keeps it, heads 2..m start with
-        zero offsets and head 1's gate (so the expanded module computes exactly what the 1-head one did)."""
+        zero offsets (so the expanded module computes exactly what the 1-head one did) and head 1's gate
+        plus a little noise: identical new heads would get identical gradients and stay clones forever."""
         out = dict(state)
         w, b = state[prefix + "proj.weight"], state[prefix + "proj.bias"]
         if w.shape[0] == self.heads * self.hidden_size:
@@ -175,7 +176,11 @@ class OutputOffset(nn.Module):
         m = self.heads
         out[prefix + "proj.weight"] = torch.cat([w, w.new_zeros((m - 1) * w.shape[0], w.shape[1])])
         out[prefix + "proj.bias"] = torch.cat([b, b.new_zeros((m - 1) * b.shape[0])])
-        out[prefix + "gate.weight"] = state[prefix + "gate.weight"].repeat(m, 1)
+        gw = state[prefix + "gate.weight"].repeat(m, 1)  # (m, H)
+        g = torch.Generator().manual_seed(0)
+        noise = torch.randn(gw.shape, generator=g, dtype=torch.float32) * 0.5 * gw.float().std()
+        noise[0] = 0  # head 1 unchanged
+        out[prefix + "gate.weight"] = gw + noise.to(gw.dtype)
         out[prefix + "gate.bias"] = state[prefix + "gate.bias"].repeat(m)
         return out
 
