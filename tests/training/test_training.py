@@ -245,6 +245,21 @@ def test_question_items_ask_the_template_and_rephrase_with_a_pattern(corpus):
         load_question_templates(pr / "bad.json")
 
 
+def test_open_object_pool_draws_any_entity_or_year(corpus):
+    from larimar.training.data import load_relations
+
+    _, pr = corpus
+    (pr / "graphs_json" / "P2.jsonl").write_text(json.dumps({"pattern": "[X] works for [Y]."}) + "\n")
+    (pr / "trex_lms_vocab" / "P2.jsonl").write_text("\n".join(json.dumps({"sub_label": f"Worker {i}", "obj_label": c}) for i, c in enumerate(["Acme", "Initech"])) + "\n")
+    closed = load_relations(pr)
+    assert set(closed["P1"].objects) == {"Paris", "Rome", "Oslo", "Lima"}
+    opened = load_relations(pr, object_pool="open")
+    pool = set(opened["P1"].objects)
+    assert {"Paris", "Acme", "Person 0", "Worker 1", "1000", "2029"} <= pool and pool == set(opened["P2"].objects)
+    with pytest.raises(ValueError, match="object_pool"):
+        load_relations(pr, object_pool="global")
+
+
 def test_concat_sets_keeps_every_item_rows(corpus):
     from larimar.training.warmstart import _rows_by_item, build_set, concat_sets
 

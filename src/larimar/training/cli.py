@@ -145,7 +145,10 @@ def run_warmstart(model, train_cfg: dict, directory: Path, *, resume: bool = Tru
         model.load_adapter_state(state)
         print(f"warm start: initialised from {init}")
     torch.manual_seed(d["seed"])
-    sampler = EpisodeSampler(None, d["pararel_root"], split="train", fact_fraction=1.0, seed=d["seed"], exclude_eval_from=d.get("exclude_eval_from"))
+    pool = d.get("object_pool", "relation")
+    sampler = EpisodeSampler(
+        None, d["pararel_root"], split="train", fact_fraction=1.0, seed=d["seed"], exclude_eval_from=d.get("exclude_eval_from"), object_pool=pool
+    )
     distractors = None
     if d.get("text_root") and w["distractor_sentence_prob"] > 0:
         distractors = EpisodeSampler(d["text_root"], None, split="train", fact_fraction=0.0, seed=d["seed"]).texts
@@ -154,6 +157,7 @@ def run_warmstart(model, train_cfg: dict, directory: Path, *, resume: bool = Tru
     key = {  # what the cached states depend on (the distractor sentences through text_root)
         "items": w["items"], "val_items": w["val_items"], "seed": d["seed"],
         **{k: d.get(k) for k in ("pararel_root", "text_root", "exclude_eval_from")},
+        **({"object_pool": pool} if pool != "relation" else {}),  # (absent from older caches' keys)
         **{k: v for k, v in kw.items() if k != "distractor_sentences"},
     }
     sets = torch.load(cache, weights_only=False) if resume and cache.is_file() else None
@@ -176,7 +180,7 @@ def run_warmstart(model, train_cfg: dict, directory: Path, *, resume: bool = Tru
             raise ValueError("warmstart.question_items > 0 needs data.question_templates")
         q_sampler = EpisodeSampler(
             None, d["pararel_root"], split="train", fact_fraction=1.0, seed=d["seed"],
-            exclude_eval_from=d.get("exclude_eval_from"), question_templates=d["question_templates"],
+            exclude_eval_from=d.get("exclude_eval_from"), question_templates=d["question_templates"], object_pool=pool,
         )
         q_cache = directory / "sets_questions.pt"
         q_key = {**key, "question_items": w["question_items"], "question_val_items": w["question_val_items"], "question_templates": d["question_templates"]}

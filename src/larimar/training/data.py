@@ -156,11 +156,26 @@ def load_question_templates(path: str | Path) -> dict[str, str]:
     return {str(k): str(v).strip() for k, v in raw.items() if isinstance(v, str) and str(v).count("[X]") == 1}
 
 
+OBJECT_POOLS = ("relation", "open")
+
+
 def load_relations(
-    pararel_root: str | Path, *, exclude_subjects: set[str] | None = None, question_templates: str | Path | None = None
+    pararel_root: str | Path,
+    *,
+    exclude_subjects: set[str] | None = None,
+    question_templates: str | Path | None = None,
+    object_pool: str = "relation",
 ) -> dict[str, Relation]:
     """relation id -> Relation, from PARAREL patterns ending in '[Y].' and T-REx facts (and question
-    templates from `question_templates`, a JSON file relation id -> template, where given)."""
+    templates from `question_templates`, a JSON file relation id -> template, where given).
+
+    `object_pool`: "relation" draws each fact's object from its relation's own objects (a closed set
+    per relation: an output path can learn it as a classifier); "open" draws it from every entity
+    name of every relation (subjects and objects) plus the years 1000-2029, so the object must be
+    read from memory, whatever it is.
+    """
+    if object_pool not in OBJECT_POOLS:
+        raise ValueError(f"object_pool must be one of {OBJECT_POOLS}, got {object_pool!r}")
     root = Path(pararel_root)
     exclude = exclude_subjects or set()
     questions = load_question_templates(question_templates) if question_templates else {}
@@ -181,6 +196,10 @@ def load_relations(
         objects = sorted({f["obj_label"] for f in facts})
         if patterns and subjects and len(objects) > 1:
             out[pat_file.stem] = Relation(patterns, subjects, objects, questions.get(pat_file.stem))
+    if object_pool == "open" and out:
+        pool = sorted({x for r in out.values() for x in r.subjects + r.objects} | {str(y) for y in range(1000, 2030)})
+        for r in out.values():
+            r.objects = pool
     return out
 
 
@@ -198,6 +217,7 @@ class EpisodeSampler:
         seed: int = 0,
         exclude_eval_from: str | Path | None = None,
         question_templates: str | Path | None = None,
+        object_pool: str = "relation",
     ):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -210,7 +230,9 @@ class EpisodeSampler:
         self.relations: list[Relation] = []
         if pararel_root is not None and fact_fraction > 0:
             exclude = _eval_subjects(Path(exclude_eval_from)) if exclude_eval_from else set()
-            relations = load_relations(pararel_root, exclude_subjects=exclude, question_templates=question_templates)
+            relations = load_relations(
+                pararel_root, exclude_subjects=exclude, question_templates=question_templates, object_pool=object_pool
+            )
             for rel, relation in relations.items():
                 if is_validation("pararel#" + rel, val_fraction * 2) == (split == "val"):
                     self.relations.append(relation)

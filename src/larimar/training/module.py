@@ -38,6 +38,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
         "pararel_root": "../shared/data/pararel",
         "exclude_eval_from": "../shared/data",
         "question_templates": None,  # JSON relation id -> question template (stage 1 question items)
+        "object_pool": "relation",  # stage 1 fact objects: "relation" (each relation's own) or "open" (any entity or year)
         "fact_fraction": 0.5,
         "episode_size": 16,
         "n_ae": 4,
@@ -126,6 +127,7 @@ class LarimarDataModule(L.LightningDataModule):
             seed=c["seed"],
             exclude_eval_from=c.get("exclude_eval_from"),
             val_fraction=c["val_fraction"],
+            object_pool=c.get("object_pool", "relation"),
         )
         self.train_sampler = EpisodeSampler(c["text_root"], split="train", **kw)
         try:
