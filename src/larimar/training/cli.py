@@ -146,59 +146,57 @@ def run_warmstart(model, train_cfg: dict, directory: Path, *, resume: bool = Tru
         print(f"warm start: initialised from {init}")
     torch.manual_seed(d["seed"])
     pool = d.get("object_pool", "relation")
+    # one sampler for cloze and question items: question templates change no cloze draw
     sampler = EpisodeSampler(
-        None, d["pararel_root"], split="train", fact_fraction=1.0, seed=d["seed"], exclude_eval_from=d.get("exclude_eval_from"), object_pool=pool
+        None, d["pararel_root"], split="train", fact_fraction=1.0, seed=d["seed"], exclude_eval_from=d.get("exclude_eval_from"),
+        question_templates=d.get("question_templates"), object_pool=pool,
     )
     distractors = None
     if d.get("text_root") and w["distractor_sentence_prob"] > 0:
         distractors = EpisodeSampler(d["text_root"], None, split="train", fact_fraction=0.0, seed=d["seed"]).texts
     kw = dict(max_tokens=d["max_tokens"], distractor_sentences=distractors, distractor_prob=w["distractor_sentence_prob"])
-    cache = directory / "sets.pt"  # the cached decoder states (the costly part), kept for reruns
     key = {  # what the cached states depend on (the distractor sentences through text_root)
         "items": w["items"], "val_items": w["val_items"], "seed": d["seed"],
         **{k: d.get(k) for k in ("pararel_root", "text_root", "exclude_eval_from")},
         **({"object_pool": pool} if pool != "relation" else {}),  # (absent from older caches' keys)
         **{k: v for k, v in kw.items() if k != "distractor_sentences"},
     }
-    sets = torch.load(cache, weights_only=False) if resume and cache.is_file() else None
-    if sets is not None and model.config.value_writes and any(s.emb_value is None for s in (sets["train"], sets["val"])):
-        print("warm start: the cached decoder states lack value embeddings (older cache); rebuilding")
-        sets = None
-    if sets is not None and sets.get("key") == key:
-        print(f"warm start: reusing cached decoder states {cache}")
-        train_set, val_set = sets["train"], sets["val"]
-    else:
-        train_set = build_set(model, sampler, w["items"], seed=d["seed"], **kw)
-        val_set = build_set(model, sampler, w["val_items"], seed=d["seed"] + 1, **kw)
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        torch.save({"key": key, "train": train_set, "val": val_set}, tmp)
-        tmp.replace(cache)
+
+    def cached_sets(name: str, key: dict, n_train: int, n_val: int, seed: int, **build_kw) -> tuple:
+        """(train, val) decoder-state sets from `directory/name` if its key matches (and it holds value
+        embeddings where the config needs them), else built (train: `seed`, val: `seed + 1`) and saved."""
+        path = directory / name
+        sets = torch.load(path, weights_only=False) if resume and path.is_file() else None
+        if sets is not None and model.config.value_writes and any(sets[s].emb_value is None for s in ("train", "val")):
+            print(f"warm start: {path} lacks value embeddings (older cache); rebuilding")
+            sets = None
+        if sets is not None and sets.get("key") == key:
+            print(f"warm start: reusing cached decoder states {path}")
+        else:
+            sets = {
+                "key": key,
+                "train": build_set(model, sampler, n_train, seed=seed, **build_kw, **kw),
+                "val": build_set(model, sampler, n_val, seed=seed + 1, **build_kw, **kw),
+            }
+            directory.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(sets, tmp)
+            tmp.replace(path)
+        return sets["train"], sets["val"]
+
+    # the cached decoder states (the costly part), kept for reruns
+    train_set, val_set = cached_sets("sets.pt", key, w["items"], w["val_items"], d["seed"])
     extra_val = {}
     if w.get("question_items", 0) > 0:
         if not d.get("question_templates"):
             raise ValueError("warmstart.question_items > 0 needs data.question_templates")
-        q_sampler = EpisodeSampler(
-            None, d["pararel_root"], split="train", fact_fraction=1.0, seed=d["seed"],
-            exclude_eval_from=d.get("exclude_eval_from"), question_templates=d["question_templates"], object_pool=pool,
-        )
-        q_cache = directory / "sets_questions.pt"
         q_key = {**key, "question_items": w["question_items"], "question_val_items": w["question_val_items"], "question_templates": d["question_templates"]}
-        q_sets = torch.load(q_cache, weights_only=False) if resume and q_cache.is_file() else None
-        if q_sets is not None and q_sets.get("key") == q_key:
-            print(f"warm start: reusing cached question states {q_cache}")
-        else:
-            # fresh draws for validation (other seed); objects are random, so there is nothing to memorise
-            q_sets = {
-                "key": q_key,
-                "train": build_set(model, q_sampler, w["question_items"], seed=d["seed"] + 2, question_prob=1.0, **kw),
-                "val": build_set(model, q_sampler, w["question_val_items"], seed=d["seed"] + 3, question_prob=1.0, **kw),
-            }
-            tmp = q_cache.with_suffix(".tmp")
-            torch.save(q_sets, tmp)
-            tmp.replace(q_cache)
-        train_set = concat_sets([train_set, q_sets["train"]])
-        extra_val["question"] = q_sets["val"]
+        # fresh draws for validation (other seed); objects are random, so there is nothing to memorise
+        q_train, q_val = cached_sets(
+            "sets_questions.pt", q_key, w["question_items"], w["question_val_items"], d["seed"] + 2, question_prob=1.0
+        )
+        train_set = concat_sets([train_set, q_train])
+        extra_val["question"] = q_val
     history = train_warmstart(
         model,
         train_set,

@@ -153,7 +153,7 @@ def load_question_templates(path: str | Path) -> dict[str, str]:
         raise ValueError(f"question templates {path}: {exc}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"question templates {path}: expected a JSON object relation id -> template")
-    return {str(k): str(v).strip() for k, v in raw.items() if isinstance(v, str) and str(v).count("[X]") == 1}
+    return {str(k): v.strip() for k, v in raw.items() if isinstance(v, str) and v.count("[X]") == 1}
 
 
 OBJECT_POOLS = ("relation", "open")

@@ -210,7 +210,7 @@ def warmstart_loss(
     `model.config.value_writes` store the object's latent instead of the fact's (value writes).
     """
     head, M0, lam = model.encoder.head, model.M0, model.config.ridge
-    values = bool(getattr(model.config, "value_writes", False))
+    values = model.config.value_writes
     if values and ws.emb_value is None:
         raise ValueError("value_writes: this warm-start set has no value embeddings (rebuild its cache)")
     W = model.decoder.get_output_embeddings().weight  # (V, H), frozen
