@@ -256,8 +256,33 @@ def test_open_object_pool_draws_any_entity_or_year(corpus):
     opened = load_relations(pr, object_pool="open")
     pool = set(opened["P1"].objects)
     assert {"Paris", "Acme", "Person 0", "Worker 1", "1000", "2029"} <= pool and pool == set(opened["P2"].objects)
+    mixed = load_relations(pr, object_pool="mixed")["P1"]
+    rng = random.Random(0)
+    drawn = [mixed.sample(rng).continuation.strip() for _ in range(2000)]
+    own = sum(o in closed["P1"].objects for o in drawn) / len(drawn)
+    assert set(drawn) <= pool and 0.45 < own < 0.6  # half own objects (plus the open pool's share of them)
     with pytest.raises(ValueError, match="object_pool"):
         load_relations(pr, object_pool="global")
+
+
+def test_unknown_object_prob_replaces_objects_and_keeps_draws_when_zero(corpus):
+    import random
+
+    from larimar.training.data import UNKNOWN_OBJECT, load_relations
+
+    _, pr = corpus
+    plain = load_relations(pr)["P1"]
+    none = load_relations(pr, unknown_prob=0.0)["P1"]
+    assert [plain.sample(random.Random(s)) for s in range(20)] == [none.sample(random.Random(s)) for s in range(20)]
+    rel = load_relations(pr, unknown_prob=0.3)["P1"]
+    rng = random.Random(0)
+    objects = [rel.sample(rng).continuation.strip() for _ in range(2000)]
+    share = objects.count(UNKNOWN_OBJECT) / len(objects)
+    assert 0.25 < share < 0.35 and set(objects) - {UNKNOWN_OBJECT} <= set(plain.objects)
+    item, _ = rel.sample_with_rephrase(random.Random(1))
+    assert item.continuation.startswith(" ")
+    with pytest.raises(ValueError, match="unknown_prob"):
+        load_relations(pr, unknown_prob=1.0)
 
 
 def test_concat_sets_keeps_every_item_rows(corpus):

@@ -149,7 +149,7 @@ def run_warmstart(model, train_cfg: dict, directory: Path, *, resume: bool = Tru
     # one sampler for cloze and question items: question templates change no cloze draw
     sampler = EpisodeSampler(
         None, d["pararel_root"], split="train", fact_fraction=1.0, seed=d["seed"], exclude_eval_from=d.get("exclude_eval_from"),
-        question_templates=d.get("question_templates"), object_pool=pool,
+        question_templates=d.get("question_templates"), object_pool=pool, unknown_prob=d.get("unknown_object_prob", 0.0),
     )
     distractors = None
     if d.get("text_root") and w["distractor_sentence_prob"] > 0:
@@ -159,6 +159,7 @@ def run_warmstart(model, train_cfg: dict, directory: Path, *, resume: bool = Tru
         "items": w["items"], "val_items": w["val_items"], "seed": d["seed"],
         **{k: d.get(k) for k in ("pararel_root", "text_root", "exclude_eval_from")},
         **({"object_pool": pool} if pool != "relation" else {}),  # (absent from older caches' keys)
+        **({"unknown_object_prob": d["unknown_object_prob"]} if d.get("unknown_object_prob") else {}),
         **{k: v for k, v in kw.items() if k != "distractor_sentences"},
     }
 

@@ -125,10 +125,21 @@ class Relation:
     subjects: list[str]
     objects: list[str]
     question: str | None = None  # a question template ("What is the capital of [X]?"), if one is known
+    unknown_prob: float = 0.0  # chance that a drawn object is the word "unknown" (what forgetting writes)
+    open_objects: list[str] | None = None  # object_pool "mixed": half of the draws come from here
+
+    def _object(self, rng: random.Random) -> str:
+        pool = self.objects
+        if self.open_objects and rng.random() < 0.5:  # no extra draw unless mixed
+            pool = self.open_objects
+        obj = rng.choice(pool)
+        if self.unknown_prob > 0 and rng.random() < self.unknown_prob:  # no extra draw when 0
+            return UNKNOWN_OBJECT
+        return obj
 
     def sample(self, rng: random.Random) -> Item:
         # object drawn afresh at every draw: no subject->object mapping exists to memorise
-        pattern, subject, obj = rng.choice(self.patterns), rng.choice(self.subjects), rng.choice(self.objects)
+        pattern, subject, obj = rng.choice(self.patterns), rng.choice(self.subjects), self._object(rng)
         return Item(pattern.replace("[X]", subject), " " + obj, "fact")
 
     def sample_with_rephrase(self, rng: random.Random, question_prob: float = 0.0) -> tuple[Item, str]:
@@ -137,7 +148,7 @@ class Relation:
         With probability `question_prob` (relations with a question template only) the item asks the
         question ("Which country is X located in? France.") and the rephrasing is a cloze pattern.
         """
-        pattern, subject, obj = rng.choice(self.patterns), rng.choice(self.subjects), rng.choice(self.objects)
+        pattern, subject, obj = rng.choice(self.patterns), rng.choice(self.subjects), self._object(rng)
         others = [p for p in self.patterns if p != pattern]
         other = rng.choice(others) if others else pattern
         if self.question is not None and question_prob > 0 and rng.random() < question_prob:
@@ -156,7 +167,8 @@ def load_question_templates(path: str | Path) -> dict[str, str]:
     return {str(k): v.strip() for k, v in raw.items() if isinstance(v, str) and v.count("[X]") == 1}
 
 
-OBJECT_POOLS = ("relation", "open")
+OBJECT_POOLS = ("relation", "open", "mixed")
+UNKNOWN_OBJECT = "unknown"
 
 
 def load_relations(
@@ -165,6 +177,7 @@ def load_relations(
     exclude_subjects: set[str] | None = None,
     question_templates: str | Path | None = None,
     object_pool: str = "relation",
+    unknown_prob: float = 0.0,
 ) -> dict[str, Relation]:
     """relation id -> Relation, from PARAREL patterns ending in '[Y].' and T-REx facts (and question
     templates from `question_templates`, a JSON file relation id -> template, where given).
@@ -172,10 +185,14 @@ def load_relations(
     `object_pool`: "relation" draws each fact's object from its relation's own objects (a closed set
     per relation: an output path can learn it as a classifier); "open" draws it from every entity
     name of every relation (subjects and objects) plus the years 1000-2029, so the object must be
-    read from memory, whatever it is.
+    read from memory, whatever it is; "mixed" draws half of the objects each way.
+    `unknown_prob`: the chance that a fact's object is the word "unknown" instead, so that a decoder
+    learns to read that word back too (forgetting and leakage prevention write "{prompt} unknown.").
     """
     if object_pool not in OBJECT_POOLS:
         raise ValueError(f"object_pool must be one of {OBJECT_POOLS}, got {object_pool!r}")
+    if not 0.0 <= unknown_prob < 1.0:
+        raise ValueError(f"unknown_prob must be in [0, 1), got {unknown_prob}")
     root = Path(pararel_root)
     exclude = exclude_subjects or set()
     questions = load_question_templates(question_templates) if question_templates else {}
@@ -195,11 +212,14 @@ def load_relations(
         subjects = sorted({f["sub_label"] for f in facts if f["sub_label"].strip().lower() not in exclude})
         objects = sorted({f["obj_label"] for f in facts})
         if patterns and subjects and len(objects) > 1:
-            out[pat_file.stem] = Relation(patterns, subjects, objects, questions.get(pat_file.stem))
-    if object_pool == "open" and out:
+            out[pat_file.stem] = Relation(patterns, subjects, objects, questions.get(pat_file.stem), unknown_prob)
+    if object_pool != "relation" and out:
         pool = sorted({x for r in out.values() for x in r.subjects + r.objects} | {str(y) for y in range(1000, 2030)})
         for r in out.values():
-            r.objects = pool
+            if object_pool == "open":
+                r.objects = pool
+            else:
+                r.open_objects = pool
     return out
 
 
@@ -218,6 +238,7 @@ class EpisodeSampler:
         exclude_eval_from: str | Path | None = None,
         question_templates: str | Path | None = None,
         object_pool: str = "relation",
+        unknown_prob: float = 0.0,
     ):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -231,7 +252,8 @@ class EpisodeSampler:
         if pararel_root is not None and fact_fraction > 0:
             exclude = _eval_subjects(Path(exclude_eval_from)) if exclude_eval_from else set()
             relations = load_relations(
-                pararel_root, exclude_subjects=exclude, question_templates=question_templates, object_pool=object_pool
+                pararel_root, exclude_subjects=exclude, question_templates=question_templates, object_pool=object_pool,
+                unknown_prob=unknown_prob,
             )
             for rel, relation in relations.items():
                 if is_validation("pararel#" + rel, val_fraction * 2) == (split == "val"):

@@ -38,7 +38,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
         "pararel_root": "../shared/data/pararel",
         "exclude_eval_from": "../shared/data",
         "question_templates": None,  # JSON relation id -> question template (stage 1 question items)
-        "object_pool": "relation",  # stage 1 fact objects: "relation" (each relation's own) or "open" (any entity or year)
+        "object_pool": "relation",  # stage 1 fact objects: "relation" (each relation's own), "open" (any entity or year) or "mixed" (half each)
+        "unknown_object_prob": 0.0,  # chance a fact's object is "unknown" (what forgetting and leakage prevention write)
         "fact_fraction": 0.5,
         "episode_size": 16,
         "n_ae": 4,
@@ -128,6 +129,7 @@ class LarimarDataModule(L.LightningDataModule):
             exclude_eval_from=c.get("exclude_eval_from"),
             val_fraction=c["val_fraction"],
             object_pool=c.get("object_pool", "relation"),
+            unknown_prob=c.get("unknown_object_prob", 0.0),
         )
         self.train_sampler = EpisodeSampler(c["text_root"], split="train", **kw)
         try:
