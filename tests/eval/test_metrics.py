@@ -14,6 +14,7 @@ from larimar.eval.metrics import (
     counterfact_score,
     edit_retention_rate,
     exact_match,
+    first_token_accuracy,
     nll_to_prob,
     normalize_answer,
     teacher_forced_correct,
@@ -151,6 +152,12 @@ def test_zsre_case_and_aggregate_by_hand() -> None:
     assert c2 == pytest.approx({"edit": 1.0, "paraphrase": 0.0, "neighborhood": 1.0})
     agg = aggregate_zsre([c1, c2])
     assert agg == pytest.approx({"edit": 87.5, "paraphrase": 100 / 3, "neighborhood": 75.0})
+
+
+def test_first_token_accuracy_by_hand() -> None:
+    assert first_token_accuracy([[True, False], [False, True], torch.tensor([True])]) == pytest.approx(2 / 3)
+    assert first_token_accuracy([[], [False]]) == 0.0  # a prompt without tokens does not count
+    assert math.isnan(first_token_accuracy([]))
 
 
 def test_zsre_empty_family() -> None:

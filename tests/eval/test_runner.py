@@ -132,9 +132,14 @@ def test_counterfact_summary_shape_and_files(tmp_path, cf_path, base):
 def test_zsre_summary_shape(tmp_path, zsre_path, base):
     out = tmp_path / "z"
     summary = run_cases("zsre", UneditedEditor(*base), load_cases(zsre_path), out, config=cfg(task="zsre"), progress=False)
-    assert list(summary) == ["method", "n", "edit", "paraphrase", "neighborhood", "seconds_per_edit"]
+    assert list(summary) == ["method", "n", "edit", "paraphrase", "neighborhood", "seconds_per_edit", "first_token"]
     assert summary["n"] == 3
     assert all(0.0 <= summary[k] <= 100.0 for k in ("edit", "paraphrase", "neighborhood"))
+    # the first-token figure is recomputed here from the per-case token flags
+    records = [json.loads(p.read_text()) for p in sorted((out / "cases").glob("*.json"))]
+    firsts = [bool(flags[0]) for r in records for flags in r["correct"]["rewrite"]]
+    assert summary["first_token"]["edit"] == pytest.approx(100.0 * sum(firsts) / len(firsts))
+    assert "1st token" in (out / "summary.md").read_text()
 
 
 # ------------------------------------------------------------------------------------------ resume

@@ -241,6 +241,16 @@ def zsre_case_metrics(rewrite_correct: Any, paraphrase_correct: Any, neighborhoo
     }
 
 
+def first_token_accuracy(prompts_correct: Sequence[Sequence[Any]]) -> float:
+    """Fraction of prompts whose *first* target token is right, from per-prompt token flags
+    (one flag sequence per prompt, as in :func:`zsre_case_metrics`); NaN without prompts.
+
+    A generated answer can only be right if it starts right, so this bounds what generation scores
+    (``[[True, False], [False, True]]`` -> 0.5)."""
+    firsts = [float(bool(_flat_flags(p)[0])) for p in prompts_correct if len(_flat_flags(p))]
+    return _mean_or_nan(firsts)
+
+
 def aggregate_zsre(cases: Sequence[Mapping[str, float]]) -> dict[str, float]:
     """Average per-case ZsRE accuracies (:func:`zsre_case_metrics`) over cases, in percent.
 

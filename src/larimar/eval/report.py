@@ -68,6 +68,8 @@ def _row(task: str, summary: Mapping[str, Any]) -> list[str]:
             cells += [fmt(fam.get("S")), fmt(fam.get("M"))]
     else:
         cells += [fmt(summary.get(key)) for key, _ in _ZSRE_FAMILIES]
+        first = summary.get("first_token") or {}
+        cells += [fmt(first.get("edit")), fmt(first.get("paraphrase"))]
     cells.append(_seconds(summary.get("seconds_per_edit")))
     return cells
 
@@ -79,6 +81,7 @@ def _header(task: str) -> list[str]:
             head += [f"{title} S", f"{title} M"]
     else:
         head += [f"{title} acc" for _, title in _ZSRE_FAMILIES]
+        head += ["Edit 1st token", "Paraphrase 1st token"]
     return head + ["s / edit"]
 
 
@@ -88,7 +91,7 @@ def summary_markdown(task: str, summary: Mapping[str, Any], notes: Sequence[str]
         "CounterFact (ROME metrics, percent): S = % of prompts where the desired answer is more likely, "
         "M = mean probability difference."
         if task == "counterfact"
-        else "ZsRE: teacher-forced token accuracy (percent)."
+        else "ZsRE: teacher-forced token accuracy (percent); 1st token: % of prompts whose first answer token is right."
     )
     text = f"# {summary.get('method', '?')} on {task}\n\n{legend}\n\n" + _table(_header(task), [_row(task, summary)])
     return text + "".join(f"\n{line}\n" for line in notes)

@@ -48,7 +48,13 @@ import torch
 
 from larimar.eval.data import EditCase
 from larimar.eval.editors import EditRequest
-from larimar.eval.metrics import aggregate_counterfact, aggregate_zsre, counterfact_case_metrics, zsre_case_metrics
+from larimar.eval.metrics import (
+    aggregate_counterfact,
+    aggregate_zsre,
+    counterfact_case_metrics,
+    first_token_accuracy,
+    zsre_case_metrics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -429,12 +435,26 @@ def _case_metrics_from_json(task: str, metrics: Mapping[str, Any]) -> dict[str, 
     return {k: _nan_if_none(v) for k, v in metrics.items()}
 
 
+def _first_token_summary(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``{"first_token": {"edit", "paraphrase"}}`` in percent over all prompts of the records, or {}
+    when a record lacks its token flags (older results)."""
+    if not records or any(not isinstance(r.get("correct"), Mapping) for r in records):
+        return {}
+    out = {}
+    for key, fam in (("edit", "rewrite"), ("paraphrase", "paraphrase")):
+        prompts = [p for r in records for p in r["correct"].get(fam) or []]
+        out[key] = 100.0 * first_token_accuracy(prompts)
+    return {"first_token": out}
+
+
 def summarize(task: str, method: str, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Aggregate case records into the summary (metrics in percent).
 
     CounterFact: ``{"method", "n", "edit_success": {"S", "M"}, "paraphrase": {"S", "M"},
     "neighborhood": {"S", "M"}, "seconds_per_edit"}``; ZsRE: ``{"method", "n", "edit",
-    "paraphrase", "neighborhood", "seconds_per_edit"}``. ``seconds_per_edit`` is the mean over cases.
+    "paraphrase", "neighborhood", "seconds_per_edit"}`` plus ``"first_token": {"edit", "paraphrase"}``
+    (% of prompts whose first answer token is right) where the records keep their token flags.
+    ``seconds_per_edit`` is the mean over cases.
     """
     metrics = [_case_metrics_from_json(task, r["metrics"]) for r in records]
     seconds = [float(r["edit_seconds"]) for r in records]
@@ -458,6 +478,7 @@ def summarize(task: str, method: str, records: Sequence[Mapping[str, Any]]) -> d
             "paraphrase": agg["paraphrase"],
             "neighborhood": agg["neighborhood"],
             "seconds_per_edit": spe,
+            **_first_token_summary(records),
         }
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
