@@ -59,6 +59,7 @@ __all__ = [
     "teacher_forced_correct",
     "token_agreement",
     "zsre_case_metrics",
+    "first_token_accuracy",
     "aggregate_zsre",
     "normalize_answer",
     "token_f1",
