@@ -161,7 +161,8 @@ def test_keyed_writes_address_facts_by_their_prompts():
     assert model.config.keyed_writes is True
     editor.edit([REQ, REQ2], rephrases=[["Danielle Darrieux speaks"], ["France's capital is"]])
     keys = ["The mother tongue of Danielle Darrieux is", "The capital of France is", "Danielle Darrieux speaks", "France's capital is"]
-    torch.testing.assert_close(model.facts.keys, model.encoder(keys).to(model.facts.keys.dtype))
+    # the write encodes keys in one batch with the fact texts (other padding): equal up to float rounding
+    torch.testing.assert_close(model.facts.keys, model.encoder(keys).to(model.facts.keys.dtype), atol=1e-5, rtol=1e-5)
     assert editor.written[2] == "Danielle Darrieux speaks English."
     make_editor("larimar", model, model.tokenizer, keyed_writes=False).edit(REQ)
     torch.testing.assert_close(model.facts.keys, model.facts.Z)  # auto-associative: each fact is its own key
