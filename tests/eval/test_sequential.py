@@ -174,3 +174,18 @@ def test_cli_registration():
     for name in ("sequential", "rephrase", "forget", "leakage", "longctx", "robustness"):
         args = p.parse_args([name, "--out", "x", "--n", "3"])
         assert args.eval_command == name and args.n == 3 and args.out == "x"
+
+
+def test_reference_memory_has_the_trained_m0_row_scale(model):
+    import torch
+
+    from larimar.memory import reference_from_encodings
+
+    texts = [f"What is fact number {i}?" for i in range(6)]
+    ref = seq.reference_memory(model, texts, 6)
+    raw = reference_from_encodings(seq.encode_latents(model, texts), 6)
+    m0_norm = model.M0.detach().float().norm(dim=-1).mean()
+    torch.testing.assert_close(ref.float().norm(dim=-1).mean(), m0_norm, rtol=1e-4, atol=1e-6)
+    # same directions as the raw encodings, one common factor
+    scale = ref.float().norm() / raw.float().norm()
+    torch.testing.assert_close(ref.float(), raw.float() * scale, rtol=1e-4, atol=1e-6)

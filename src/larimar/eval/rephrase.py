@@ -53,10 +53,10 @@ from larimar.eval.sequential import (
     StreamSystem,
     add_common_arguments,
     answer_by_length,
-    encode_latents,
     first_answer,
     markdown_table,
     plot_curves,
+    reference_memory,
     run_stream,
     stream_checkpoints,
     target_token_counts,
@@ -205,7 +205,6 @@ def run_rephrase(
     first ``K`` rows form the reference memory shared by the modes.
     """
     from larimar.eval.runner import atomic_write_json, atomic_write_text, prepare_out_dir, seed_everything
-    from larimar.memory import reference_from_encodings
 
     facts = list(facts)
     if not facts:
@@ -231,7 +230,7 @@ def run_rephrase(
     K = min(int(memory_size), len(ref_texts))
     if K < memory_size:
         log.warning("only %d reference texts: using K = %d instead of %d", len(ref_texts), K, memory_size)
-    M_ref = reference_from_encodings(encode_latents(model, ref_texts[:K]), K)
+    M_ref = reference_memory(model, ref_texts[:K], K)
     if max_new_tokens is None:
         lengths = target_token_counts(model.tokenizer, [f.object for f in facts])
     else:

@@ -9,7 +9,8 @@ Protocol (``larimar eval sequential``)
 * Fact ``i`` is written as ``"{src} {alt}."`` and queried with ``src``; its answer is ``alt``.
 * Larimar: memory of ``K = --memory-size`` slots (default 1000) with a *fixed reference memory* made of
   the encodings of the first ``K`` question prompts of the fact pool
-  (:func:`larimar.memory.reference_from_encodings`; the pool continues past the ``n`` written facts when
+  (:func:`reference_memory`: :func:`larimar.memory.reference_from_encodings`, rescaled to the trained
+  M0's row norm; the pool continues past the ``n`` written facts when
   ``n < K``; when the pool is smaller than ``K``, ``K`` shrinks to it, with a warning). Facts are written
   one by one with the exact sequential update of Eq. 4 (:meth:`larimar.memory.MemoryState.write`), and
   every query reads memory (``use_memory="always"``: the scope detector is not involved).
@@ -76,6 +77,7 @@ __all__ = [
     "batched_generate",
     "contains_answer",
     "encode_latents",
+    "reference_memory",
     "first_answer",
     "fresh_memory",
     "generate_from_latents",
@@ -191,6 +193,23 @@ def encode_latents(model: "Larimar", texts: Sequence[str], batch_size: int = 64)
 
     with torch.no_grad():
         return model.encoder(list(texts), batch_size=batch_size).detach().to(model.memory_dtype)
+
+
+def reference_memory(model: "Larimar", texts: Sequence[str], K: int) -> "torch.Tensor":
+    """A fixed reference memory (K, C) from the encodings of ``texts``
+    (:func:`larimar.memory.reference_from_encodings`), its rows rescaled to the mean row norm of the
+    model's trained M0.
+
+    The ridge λ of a write is absolute, so it acts relative to the scale of the addressing weights,
+    and those scale inversely with the reference rows. Raw MiniLM encodings have rows about 6x longer
+    than the shipped M0's, which shrinks every read-out towards zero (measured: plain "\n\n" answers
+    for 1000 ZsRE facts). The rescaling keeps the scale the adapter was trained with.
+    """
+    from larimar.memory import reference_from_encodings
+
+    ref = reference_from_encodings(encode_latents(model, texts), K)
+    target = model.M0.detach().float().norm(dim=-1).mean()
+    return ref * (target / ref.float().norm(dim=-1).mean().clamp_min(1e-12)).to(ref.dtype)
 
 
 def fresh_memory(
@@ -702,7 +721,6 @@ def run_sequential(
     """
     from larimar.eval.editors import EditRequest, load_hparams, make_editor
     from larimar.eval.runner import atomic_write_json, atomic_write_text, prepare_out_dir, seed_everything
-    from larimar.memory import reference_from_encodings
 
     unknown = sorted(set(methods) - set(METHODS))
     if unknown or not methods:
@@ -734,7 +752,7 @@ def run_sequential(
         if K < memory_size:
             log.warning("only %d reference prompts: using K = %d instead of %d", len(ref_prompts), K, memory_size)
         seed_everything(seed)
-        M_ref = reference_from_encodings(encode_latents(model, ref_prompts[:K]), K)
+        M_ref = reference_memory(model, ref_prompts[:K], K)
         stream = LarimarStream(
             model, [fact_sentence(c) for c in cases], M_ref, prompts=[c.prompt for c in cases], addressing="reference",
             batch_size=batch_size,
