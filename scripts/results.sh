@@ -13,7 +13,7 @@ run eval counterfact --method unedited --n 500 --out "$R/cf_unedited"
 run eval timing      --n 10 --out "$R/timing"
 run eval zsre        --method larimar  --n 200 --out "$R/zsre_larimar"
 run eval zsre        --method unedited --n 200 --out "$R/zsre_unedited"
-run eval sequential  --n 1000 --eval-max 200 --methods larimar --out "$R/sequential"
+run eval sequential  --n 1000 --eval-max 200 --eval-every 500 --methods larimar --out "$R/sequential"
 run eval forget      --n 5 --no-icl --out "$R/forget_noicl"
 run eval forget      --n 5 --out "$R/forget"
 run eval counterfact --method larimar  --n 200 --out "$R/cf_larimar_factwrite200" --set value_writes=false
