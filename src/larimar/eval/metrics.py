@@ -248,8 +248,8 @@ def first_token_accuracy(prompts_correct: Sequence[Sequence[Any]]) -> float:
 
     A generated answer can only be right if it starts right, so this bounds what generation scores
     (``[[True, False], [False, True]]`` -> 0.5)."""
-    firsts = [float(bool(_flat_flags(p)[0])) for p in prompts_correct if len(_flat_flags(p))]
-    return _mean_or_nan(firsts)
+    flags = [_flat_flags(p) for p in prompts_correct]
+    return _mean_or_nan([float(bool(f[0])) for f in flags if f])
 
 
 def aggregate_zsre(cases: Sequence[Mapping[str, float]]) -> dict[str, float]:

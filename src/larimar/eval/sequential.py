@@ -202,7 +202,7 @@ def reference_memory(model: "Larimar", texts: Sequence[str], K: int) -> "torch.T
 
     The ridge λ of a write is absolute, so it acts relative to the scale of the addressing weights,
     and those scale inversely with the reference rows. Raw MiniLM encodings have rows about 6x longer
-    than the shipped M0's, which shrinks every read-out towards zero (measured: plain "\n\n" answers
+    than the shipped M0's, which shrinks every read-out towards zero (measured: plain "\\n\\n" answers
     for 1000 ZsRE facts). The rescaling keeps the scale the adapter was trained with.
     """
     from larimar.memory import reference_from_encodings
