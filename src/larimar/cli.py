@@ -17,6 +17,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("larimar.bench", "speed benchmarks (memory engine, model)"),
     "train": ("larimar.training.cli", "train the memory-decoder adapter (Lightning)"),
     "scope": ("larimar.eval.scope_eval", "scope detector EER / F1 on CounterFact"),
+    "scope-idf": ("larimar.editing.scope_idf", "build the scope detector's IDF table from generic text"),
     "eval": ("larimar.eval.cli", "evaluation: CounterFact, ZsRE, batch editing, timing and the paper's other tables"),
 }
 

@@ -129,8 +129,8 @@ def test_generate_uses_memory_after_edit(model):
 
 def test_addressing_and_threshold_options_configure_model():
     m = tiny_larimar()
-    editor = LarimarEditor(m, addressing="gaussian", scope_threshold=0.3)
-    assert m.config.addressing == "gaussian" and m.scope.threshold == 0.3
+    editor = LarimarEditor(m, addressing="gaussian", scope_threshold=0.3, scope_lexical_weight=0.2)
+    assert m.config.addressing == "gaussian" and m.scope.threshold == 0.3 and m.scope.lexical_weight == 0.2
     assert m.facts.state.addressing == "gaussian"
     editor.edit([REQ])
     assert editor.score([REQ.prompt], [["English"]]).shape == (1, 1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -313,6 +315,50 @@ def test_adapter_round_trip(tmp_path):
     for k, v in m.adapter_state().items():
         assert torch.equal(v, m2.adapter_state()[k]), k
     assert LarimarConfig.load(tmp_path / "config.json") == m.config
+
+
+def test_scope_idf_round_trip_and_lexical_scope(tmp_path):
+    """The IDF table travels with save_pretrained / from_pretrained; the lexical weight reaches the detector."""
+    m = make("gpt2")
+    m.config = m.config.replace(scope_lexical_weight=0.4)
+    idf = {"paris": 3.0, "": 5.0}
+    m.set_scope_idf(idf)
+    assert m.scope.lexical_weight == 0.4 and m.scope.idf == idf
+    m.write(FACTS)  # keys reach the detector with their texts
+    assert len(m.scope.key_tokens) == len(FACTS)
+    m.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "scope_idf.json").read_text()) == idf
+    m2 = make("gpt2")  # (from_pretrained needs the named base models; it installs the same file the same way)
+    m2.config = m2.config.replace(scope_lexical_weight=0.4)
+    m2.set_scope_idf(json.loads((tmp_path / "scope_idf.json").read_text()))
+    m2.write(FACTS)
+    q = ["Paris is the capital of", "Completely unrelated words here"]
+    torch.testing.assert_close(m2.scope.score(q).score, m.scope.score(q).score)
+    # the score is the documented mix of cosine and lexical recall
+    cos_only = make("gpt2")
+    cos_only.write(FACTS)
+    lex = m.scope.lexical_recall(q)
+    torch.testing.assert_close(m.scope.score(q).score, (0.6 * cos_only_per_fact(cos_only, q) + 0.4 * lex).max(1).values)
+    with pytest.raises(ValueError, match="scope_lexical_weight"):
+        LarimarConfig(scope_lexical_weight=1.0)
+    with pytest.raises(ValueError, match="token: idf"):
+        m.set_scope_idf({"a": "high"})
+
+
+def cos_only_per_fact(model, queries):
+    """(Q, N) cosine of each whole query to each stored fact (single-sentence queries)."""
+    e = model.scope.normalise(model._embed_for_scope(queries))
+    return e @ model.scope.keys.T
+
+
+def test_assigning_facts_points_the_scope_detector_at_them(model):
+    model.write(FACTS)
+    saved = model.facts
+    model.reset_memory()
+    assert len(model.scope) == 0
+    model.facts = saved
+    assert len(model.scope) == len(FACTS)
+    torch.testing.assert_close(model.scope.keys, model.scope.normalise(saved.E))
 
 
 def test_adapter_mismatch_is_a_clear_error():

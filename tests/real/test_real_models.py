@@ -62,6 +62,8 @@ def test_shipped_adapter_matches_default_models():
     cfg = LarimarConfig.load(d / "config.json")
     assert cfg.encoder is None and cfg.decoder is None and cfg.trained
     assert (d / "adapter.safetensors").stat().st_size <= 40 * 2**20
+    if cfg.scope_lexical_weight > 0:  # the scope detector's IDF table ships with it
+        assert (d / "scope_idf.json").is_file()
 
 
 def test_shipped_adapter_makes_edits_win(model):

@@ -1,14 +1,28 @@
 """Scope detector (paper §4, external ESD): is a query about any stored fact?
 
-Stored facts keep their unit-normalised sentence embeddings. A query's score is the maximum cosine
-similarity to any stored fact; a multi-sentence query is split into sentences and the maximum over its
-sentences is taken (CounterFact paraphrase prompts start with an unrelated sentence). A query is in scope
-when its score reaches the threshold. Pure torch except for sentence splitting.
+Stored facts keep their unit-normalised sentence embeddings. A query's cosine to a fact is the maximum
+over the query's sentences (CounterFact paraphrase prompts start with an unrelated sentence) and the
+whole query. A query's score is its best score over the stored facts; it is in scope when the score
+reaches the threshold.
+
+Optionally (`lexical_weight` λ > 0) the score against each fact mixes in *lexical recall*: the
+IDF-weighted share of the fact's tokens that occur in the query,
+
+    score(q, f) = (1 - λ) · cos(q, f) + λ · Σ_{t ∈ f ∩ q} idf(t) / Σ_{t ∈ f} idf(t)   (token sets).
+
+A sentence embedding is dominated by the relation's wording, so a prompt about another subject with the
+same relation ("Léon Blum's mother tongue is") scores almost as high as a paraphrase of the stored
+fact. The rare tokens (names) tell them apart: a paraphrase repeats them, a neighbour does not.
+IDF comes from a table of document frequencies over generic text (`build_idf`); tokens missing from
+the table count as the rarest. Pure torch except for sentence splitting and tokenisation.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -22,33 +36,46 @@ def split_sentences(text: str) -> list[str]:
     return parts or [text]
 
 
-def max_cosine(queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """queries (Q, H), keys (N, H), both unit-norm -> (best cosine (Q,), index of best key (Q,))."""
-    if keys.shape[0] == 0:
-        return queries.new_full((queries.shape[0],), -1.0), torch.full((queries.shape[0],), -1, dtype=torch.long)
-    sims = queries @ keys.T  # (Q, N)
-    return sims.max(dim=1)
-
-
 @dataclass
 class ScopeResult:
-    score: torch.Tensor  # (Q,) max cosine over the query's sentences and the stored facts
+    score: torch.Tensor  # (Q,) best score over the stored facts (cosine, mixed with lexical recall if on)
     nearest: torch.Tensor  # (Q,) index of the nearest stored fact (-1 if memory is empty)
     in_scope: torch.Tensor  # (Q,) bool
     query_embedding: torch.Tensor | None = None  # (Q, H) raw embedding of each whole query, if computed
 
 
 class ScopeDetector:
-    """1-nearest-neighbour cosine scope detector over stored fact embeddings.
+    """1-nearest-neighbour scope detector over stored fact embeddings (cosine, optionally + lexical recall).
 
     `embed_fn(texts) -> (N, H)` computes sentence embeddings (e.g. the Larimar encoder's pooled output).
+    `lexical_weight` λ in [0, 1) mixes in lexical recall (module docstring); it needs `tokenize(text) ->
+    list[str]` and takes IDF weights from `idf` ({token: idf}, see `build_idf`; None: every token weighs 1).
     """
 
-    def __init__(self, embed_fn, threshold: float = 0.6, split: bool = True):
+    def __init__(
+        self,
+        embed_fn,
+        threshold: float = 0.6,
+        split: bool = True,
+        *,
+        lexical_weight: float = 0.0,
+        tokenize: Callable[[str], list[str]] | None = None,
+        idf: dict[str, float] | None = None,
+    ):
+        if not 0.0 <= lexical_weight < 1.0:
+            raise ValueError(f"ScopeDetector: lexical_weight must be in [0, 1), got {lexical_weight}")
+        if lexical_weight > 0 and tokenize is None:
+            raise ValueError("ScopeDetector: lexical_weight > 0 needs a tokenize function")
         self.embed_fn = embed_fn
         self.threshold = float(threshold)
         self.split = split
+        self.lexical_weight = float(lexical_weight)
+        self.tokenize = tokenize
+        self.idf = idf
         self.keys: torch.Tensor | None = None  # (N, H) unit-norm
+        self.key_tokens: list[dict[str, float]] = []  # per fact: {token: normalised idf weight}, weights sum to 1
+        self._weights_cache: dict[str, dict[str, float]] = {}
+        self.gather_limit = 1 << 23  # lexical recall gathers at most this many (query, fact, token) weights at a time
 
     def __len__(self) -> int:
         return 0 if self.keys is None else self.keys.shape[0]
@@ -57,8 +84,50 @@ class ScopeDetector:
     def normalise(e: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(e.detach().float(), dim=-1)
 
-    def set_keys(self, embeddings: torch.Tensor | None) -> None:
-        self.keys = None if embeddings is None or embeddings.shape[0] == 0 else self.normalise(embeddings)
+    def token_weights(self, text: str) -> dict[str, float]:
+        """{token: weight} over the distinct tokens of `text`, IDF-weighted and summing to 1 (empty if none weigh)."""
+        cached = self._weights_cache.get(text)
+        if cached is not None:
+            return cached
+        w = idf_weights(set(self.tokenize(text)), self.idf)  # type: ignore[misc]
+        total = sum(w.values())
+        out = {t: v / total for t, v in w.items()} if total > 0 else {}
+        if len(self._weights_cache) > 100_000:
+            self._weights_cache.clear()
+        self._weights_cache[text] = out
+        return out
+
+    def set_keys(self, embeddings: torch.Tensor | None, texts: list[str] | None = None) -> None:
+        """Stored facts: (N, H) embeddings and, when lexical recall is on, their N texts."""
+        if embeddings is None or embeddings.shape[0] == 0:
+            self.keys, self.key_tokens = None, []
+            return
+        if self.lexical_weight > 0:
+            if texts is None or len(texts) != embeddings.shape[0]:
+                raise ValueError(f"ScopeDetector.set_keys: lexical recall needs one text per key ({embeddings.shape[0]} keys)")
+            self.key_tokens = [self.token_weights(t) for t in texts]
+            # padded (N, L) token ids into a vocabulary of the keys' tokens, and their weights (0 = padding)
+            self._vocab: dict[str, int] = {}
+            L = max((len(w) for w in self.key_tokens), default=0) or 1
+            self._key_ids = torch.zeros(len(texts), L, dtype=torch.long)
+            self._key_w = torch.zeros(len(texts), L)
+            for i, weights in enumerate(self.key_tokens):
+                for j, (t, v) in enumerate(weights.items()):
+                    self._key_ids[i, j] = self._vocab.setdefault(t, len(self._vocab))
+                    self._key_w[i, j] = v
+        self.keys = self.normalise(embeddings)
+
+    def lexical_recall(self, queries: list[str]) -> torch.Tensor:
+        """(Q, N): IDF-weighted share of each stored fact's tokens that occur in each query."""
+        present = torch.zeros(len(queries), len(self._vocab) + 1)  # (Q, V): the query has the token
+        for qi, q in enumerate(queries):
+            for t in set(self.tokenize(q)):  # type: ignore[misc]
+                j = self._vocab.get(t)
+                if j is not None:
+                    present[qi, j] = 1.0
+        N, L = self._key_ids.shape
+        step = max(1, self.gather_limit // (N * L))  # queries per chunk
+        return torch.cat([(present[i : i + step, self._key_ids] * self._key_w).sum(-1) for i in range(0, len(queries), step)])  # (Q, N)
 
     @torch.no_grad()
     def score(self, queries: list[str]) -> ScopeResult:
@@ -76,16 +145,40 @@ class ScopeDetector:
             return ScopeResult(torch.full((n,), -1.0), torch.full((n,), -1, dtype=torch.long), torch.zeros(n, dtype=torch.bool))
         raw = self.embed_fn(pieces)
         emb = self.normalise(raw).to(self.keys.device)
-        best, idx = max_cosine(emb, self.keys)  # per piece
-        owner_t = torch.tensor(owner)
-        score = torch.full((len(queries),), -2.0)
-        nearest = torch.full((len(queries),), -1, dtype=torch.long)
-        for p in range(len(pieces)):
-            q = owner_t[p]
-            if best[p] > score[q]:
-                score[q] = best[p].cpu()
-                nearest[q] = idx[p].cpu()
+        sims = (emb @ self.keys.T).cpu()  # (P, N) cosine of every piece to every fact
+        owner_t = torch.tensor(owner).unsqueeze(1).expand_as(sims)  # (P, N)
+        per_fact = torch.full((len(queries), sims.shape[1]), -2.0).scatter_reduce(0, owner_t, sims, "amax")  # (Q, N)
+        if self.lexical_weight > 0:
+            lam = self.lexical_weight
+            per_fact = (1 - lam) * per_fact + lam * self.lexical_recall(queries)
+        score, nearest = per_fact.max(dim=1)  # (Q,), (Q,)
         return ScopeResult(score, nearest, score >= self.threshold, raw[whole])
+
+
+def idf_weights(tokens: Iterable[str], idf: dict[str, float] | None) -> dict[str, float]:
+    """{token: idf} for `tokens`; without a table every token weighs 1, tokens missing from it weigh the most."""
+    if idf is None:
+        return dict.fromkeys(tokens, 1.0)
+    top = idf[""] if "" in idf else max(idf.values(), default=1.0)
+    return {t: idf.get(t, top) for t in tokens}
+
+
+def build_idf(documents: Iterable[str], tokenize: Callable[[str], list[str]]) -> dict[str, float]:
+    """Inverse document frequencies idf(t) = log((D + 1) / (df(t) + 1)) over D documents.
+
+    The table also holds the weight of an unseen token, log(D + 1), under the empty string, so that
+    unseen tokens weigh the most (`idf_weights`). Raises ValueError without documents.
+    """
+    df: Counter[str] = Counter()
+    D = 0
+    for doc in documents:
+        D += 1
+        df.update(set(tokenize(doc)))
+    if D == 0:
+        raise ValueError("build_idf: no documents")
+    table = {t: math.log((D + 1) / (c + 1)) for t, c in df.items()}
+    table[""] = math.log(D + 1)
+    return table
 
 
 def equal_error_rate(pos_scores: torch.Tensor, neg_scores: torch.Tensor) -> tuple[float, float]:

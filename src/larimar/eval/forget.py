@@ -172,7 +172,6 @@ def larimar_point(
     forget_seconds = []
     for j in forgotten:
         model.facts = written
-        model.scope.set_keys(written.E)
         t0 = time.perf_counter()
         model.forget([texts[j]])
         model.write_facts([forget_sentence(cases[j])], [cases[j].prompt])

@@ -79,7 +79,8 @@ class LarimarEditor:
         fact_template: how a fact is written, with ``{prompt}``, ``{target_new}`` and optionally
             ``{subject}``.
         addressing: override ``LarimarConfig.addressing`` ("reference", "current", "gaussian").
-        scope_threshold: override the scope detector's cosine threshold.
+        scope_threshold: override the scope detector's threshold.
+        scope_lexical_weight: override the weight of lexical recall in the scope score (0: cosine only).
         memory_size: override K (see :func:`set_memory_size`).
         score_batch_size: sequences per decoder forward pass when scoring.
         keyed_writes: address each fact by its prompt's latent (see :meth:`Larimar.write`); default:
@@ -101,6 +102,7 @@ class LarimarEditor:
         fact_template: str = "{prompt} {target_new}.",
         addressing: str | None = None,
         scope_threshold: float | None = None,
+        scope_lexical_weight: float | None = None,
         memory_size: int | None = None,
         keyed_writes: bool | None = None,
         value_writes: bool | None = None,
@@ -137,6 +139,8 @@ class LarimarEditor:
             changes["addressing"] = addressing
         if scope_threshold is not None:
             changes["scope_threshold"] = float(scope_threshold)
+        if scope_lexical_weight is not None:
+            changes["scope_lexical_weight"] = float(scope_lexical_weight)
         for name, flag in (("keyed_writes", keyed_writes), ("value_writes", value_writes)):
             if flag is not None:
                 if not isinstance(flag, bool):
@@ -144,8 +148,8 @@ class LarimarEditor:
                 changes[name] = flag
         if changes:
             model.config = model.config.replace(**changes)  # validates the values
-            if "scope_threshold" in changes:
-                model.scope.threshold = float(scope_threshold)  # type: ignore[arg-type]
+            if "scope_threshold" in changes or "scope_lexical_weight" in changes:
+                model.configure_scope()
         if memory_size is not None:
             set_memory_size(model, memory_size)
         self.requests: list[EditRequest] = []

@@ -27,17 +27,15 @@ def scope_scores(model, cases, shared: bool) -> tuple[list[float], list[float]]:
     import torch
     from tqdm import tqdm
 
-    from larimar.editing.scope import ScopeDetector
-
     facts = [f"{c.prompt} {c.target_new}." for c in cases]
     fact_emb = model.encoder.embed(facts)  # (n, H)
-    det = ScopeDetector(model.encoder.embed, threshold=model.config.scope_threshold)
+    det = model.new_scope_detector()
     pos, neg = [], []
     if shared:
-        det.set_keys(fact_emb)
+        det.set_keys(fact_emb, facts)
     for i, c in enumerate(tqdm(cases, desc="scope", unit="case")):
         if not shared:
-            det.set_keys(fact_emb[i : i + 1])
+            det.set_keys(fact_emb[i : i + 1], facts[i : i + 1])
         if c.paraphrase_prompts:
             pos += det.score(c.paraphrase_prompts).score.tolist()
         if c.neighborhood_prompts:

@@ -236,7 +236,6 @@ def fresh_memory(
         gaussian_alpha=cfg.gaussian_alpha if gaussian_alpha is None else float(gaussian_alpha),
     )
     model.facts = FactMemory(state)
-    model.scope.set_keys(None)
 
 
 def generate_from_latents(
@@ -405,7 +404,6 @@ class LarimarStream:
             if facts.state.M_ref.shape != ref.shape or not torch.allclose(facts.state.M_ref, ref, rtol=1e-6, atol=1e-9):
                 raise ValueError(f"{directory}: the saved reference memory differs from this run's")
         self.model.facts = facts
-        self.model.scope.set_keys(facts.E)
 
 
 def _crc(items: Sequence[str]) -> int:

@@ -47,6 +47,7 @@ class LarimarConfig:
     # scope detector (paper §4)
     scope_threshold: float = 0.65  # near the equal-error point on CounterFact dev (larimar scope)
     use_scope_detector: bool = True
+    scope_lexical_weight: float = 0.0  # λ: score = (1-λ)·cosine + λ·IDF-weighted token recall (ScopeDetector)
     # text limits
     max_encoder_tokens: int = 128
     max_decoder_tokens: int = 512
@@ -72,6 +73,8 @@ class LarimarConfig:
             raise ValueError(f"LarimarConfig.ridge must be positive, got {self.ridge}")
         if not 0.0 <= self.scope_threshold <= 1.0:
             raise ValueError(f"LarimarConfig.scope_threshold must be in [0, 1], got {self.scope_threshold}")
+        if not 0.0 <= self.scope_lexical_weight < 1.0:
+            raise ValueError(f"LarimarConfig.scope_lexical_weight must be in [0, 1), got {self.scope_lexical_weight}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -9,6 +9,7 @@ A scope detector sends queries that touch no stored fact to plain decoding.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "config.json"
+SCOPE_IDF_FILE = "scope_idf.json"  # {token: idf} of the encoder's tokens, for the scope detector's lexical recall
 UseMemory = Literal["auto", "always", "never"]
 
 
@@ -60,6 +62,15 @@ def fact_value(text: str, prompt: str) -> str:
     return value or t
 
 
+def save_scope_idf(directory: str | Path, idf: dict[str, float]) -> Path:
+    """Write the scope detector's IDF table as `directory`/scope_idf.json (atomically); returns the path."""
+    path = Path(directory) / SCOPE_IDF_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({t: round(v, 4) for t, v in sorted(idf.items())}, ensure_ascii=False, separators=(",", ":")))
+    tmp.replace(path)
+    return path
+
+
 class Larimar(nn.Module):
     """Editable episodic memory around any HF encoder and causal LM."""
 
@@ -83,7 +94,8 @@ class Larimar(nn.Module):
         self.M0 = nn.Parameter(torch.randn(K, C, generator=g) / math.sqrt(C))
         self.log_sigma_w = nn.Parameter(torch.tensor(math.log(max(config.sigma_w, 1e-3))))
         self.runner = ConditionedDecoder(self.decoder)
-        self.scope = ScopeDetector(self._embed_for_scope, threshold=config.scope_threshold)
+        self.scope_idf: dict[str, float] | None = None
+        self.scope = self.new_scope_detector()
         if init_prefix:
             ids = tokenizer(config.prefix_init_text, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
             self.kv_prefix.init_base_from_decoder(self.decoder, ids)
@@ -126,6 +138,11 @@ class Larimar(nn.Module):
         model = cls(config, enc, enc_tok, dec, dec_tok, init_prefix=False)
         weights = load_file(str(directory / ADAPTER_FILE))
         model.load_adapter_state(weights)
+        idf_path = directory / SCOPE_IDF_FILE
+        if idf_path.is_file():
+            model.set_scope_idf(json.loads(idf_path.read_text()))
+        elif config.scope_lexical_weight > 0:
+            log.warning("%s: no %s, the scope detector weighs every token alike", directory, SCOPE_IDF_FILE)
         return model
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
@@ -167,12 +184,54 @@ class Larimar(nn.Module):
         tmp = d / (ADAPTER_FILE + ".tmp")
         save_file(weights, str(tmp), metadata={"format": "larimar-adapter"})
         tmp.replace(d / ADAPTER_FILE)
+        if self.scope_idf is not None:
+            save_scope_idf(d, self.scope_idf)
         self.config.save(d / CONFIG_FILE)
+
+    # ------------------------------------------------------------------ scope detector
+    def new_scope_detector(self) -> ScopeDetector:
+        """An empty scope detector with this model's settings (config threshold and lexical weight, IDF table)."""
+        return ScopeDetector(
+            self._embed_for_scope,
+            threshold=self.config.scope_threshold,
+            lexical_weight=self.config.scope_lexical_weight,
+            tokenize=self.encoder.tokenizer.tokenize,
+            idf=self.scope_idf,
+        )
+
+    def configure_scope(self) -> None:
+        """Rebuild the scope detector from the config (threshold, lexical weight) and the IDF table, keeping the facts."""
+        self.scope = self.new_scope_detector()
+        self._sync_scope()
+
+    def set_scope_idf(self, idf: dict[str, float] | None) -> None:
+        """Install the IDF table ({encoder token: idf}, `larimar.editing.scope.build_idf`) of the scope detector."""
+        if idf is not None and (not isinstance(idf, dict) or not all(isinstance(v, (int, float)) for v in idf.values())):
+            raise ValueError("set_scope_idf: expected a {token: idf} dict of numbers")
+        self.scope_idf = idf
+        self.configure_scope()
+
+    def _sync_scope(self) -> None:
+        facts = self.__dict__.get("_facts")
+        if facts is None or len(facts) == 0:
+            self.scope.set_keys(None)
+        else:
+            self.scope.set_keys(facts.E, facts.texts)
 
     # ------------------------------------------------------------------ memory
     @property
     def device(self) -> torch.device:
         return self.M0.device
+
+    @property
+    def facts(self) -> FactMemory:
+        """The memory with its fact ledger. Assigning it also points the scope detector at its facts."""
+        return self.__dict__["_facts"]
+
+    @facts.setter
+    def facts(self, value: FactMemory) -> None:
+        self.__dict__["_facts"] = value
+        self._sync_scope()
 
     def empty_memory(self) -> FactMemory:
         M_ref = self.M0.detach().to(self.memory_dtype)
@@ -188,7 +247,6 @@ class Larimar(nn.Module):
 
     def reset_memory(self) -> None:
         self.facts = self.empty_memory()
-        self.scope.set_keys(None)
 
     def __len__(self) -> int:
         return len(self.facts)
@@ -234,7 +292,6 @@ class Larimar(nn.Module):
                 Z = Zv
         facts = self.facts.write(texts, Z, E, Zk)
         self.facts = facts
-        self.scope.set_keys(facts.E)
 
     def write_facts(self, texts: list[str], prompts: list[str], batch_size: int = 128) -> None:
         """Write facts whose prompts are known: keyed by the prompts when `config.keyed_writes` (each fact
@@ -257,7 +314,6 @@ class Larimar(nn.Module):
         texts = check_texts(texts, "forget")
         facts = self.facts.forget(texts)
         self.facts = facts
-        self.scope.set_keys(facts.E)
 
     def save_memory(self, directory: str | Path) -> None:
         self.facts.save(directory)
@@ -265,7 +321,6 @@ class Larimar(nn.Module):
     def load_memory(self, directory: str | Path) -> None:
         facts = FactMemory.load(directory, expect_C=self.config.latent_size, expect_K=self.config.memory_size)
         self.facts = facts
-        self.scope.set_keys(facts.E)
 
     def read_latents(self, q: torch.Tensor, *, sigma_w: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """(Q, C) query latents -> (Q, C) read-outs z_r = W·M from the current memory.
