@@ -452,3 +452,24 @@ def test_output_offset_is_zero_for_empty_readout_and_untrained():
     fresh = Larimar(LarimarConfig(latent_size=16, memory_size=12, prefix_len=3, prefix_hidden=8, output_offset=True),
                     tiny_bert(), tiny_bert_tokenizer(), tiny_llama(kv_heads=1), tiny_tokenizer(pad_token=True))
     assert torch.equal(fresh.out_offset(torch.randn(2, 16)), torch.zeros(2, 1, fresh.kv_shape.hidden_size))
+
+
+def test_release_mask_stops_the_output_offset_after_a_release_token():
+    """With every token releasing, step 1 is conditioned and steps 2.. equal decoding without the output offset."""
+    m = make("llama", output_offset=True)
+    with torch.no_grad():
+        m.out_offset.proj.weight.normal_(0, 5.0)  # the last layer starts at zero: make the offset visible
+    ids, att = m._tokenize_prompts(["The capital of France is"], "left")
+    cond = m.conditioning(torch.randn(1, 16), torch.randn(1, 16))
+    V = m.decoder.get_output_embeddings().weight.shape[0]
+    kept = m.runner.generate(ids, att, cond, max_new_tokens=6)
+    never = m.runner.generate(ids, att, cond, max_new_tokens=6, release_mask=torch.zeros(V, dtype=torch.bool))
+    assert torch.equal(kept, never)
+    released = m.runner.generate(ids, att, cond, max_new_tokens=6, release_mask=torch.ones(V, dtype=torch.bool))
+    assert released[0, 0] == kept[0, 0]
+    no_out = Conditioning(cond.prefix, cond.offset)
+    rest = m.runner.generate(torch.cat([ids, kept[:, :1]], 1), torch.ones(1, ids.shape[1] + 1, dtype=att.dtype), no_out, max_new_tokens=5)
+    assert torch.equal(released[:, 1:], rest)
+    assert not torch.equal(released, kept)  # the offset did change the continuation
+    end = m.sentence_end_mask()
+    assert end.shape == (V,) and end.any() and not end.all()

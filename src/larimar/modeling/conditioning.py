@@ -294,8 +294,13 @@ class ConditionedDecoder:
         eos_token_id: int | None = None,
         pad_token_id: int = 0,
         generator: torch.Generator | None = None,
+        release_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Left-padded prompts (B, T) -> new tokens (B, max_new_tokens), padded with `pad_token_id` after EOS."""
+        """Left-padded prompts (B, T) -> new tokens (B, max_new_tokens), padded with `pad_token_id` after EOS.
+
+        `release_mask` (V,) bool: once a row generates one of these tokens (e.g. those ending a sentence),
+        the output offset stops acting on that row, which then decodes on from its text alone.
+        """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         B = input_ids.shape[0]
@@ -319,6 +324,7 @@ class ConditionedDecoder:
         cache = out.past_key_values
         next_pos = position_ids[:, -1:] + 1  # (B, 1)
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        released = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         new_tokens = []
         logits = out.logits[:, -1, :]
         for step in range(max_new_tokens):
@@ -329,6 +335,11 @@ class ConditionedDecoder:
                 finished = finished | (token == eos_token_id)
             if step == max_new_tokens - 1 or bool(finished.all()):
                 break
+            if release_mask is not None and bias is not None:
+                released = released | release_mask.to(token.device)[token]
+                step_bias = bias * (~released).to(bias.dtype)[:, None, None]  # (B, m, V): released rows get none
+            else:
+                step_bias = bias
             full_mask = torch.cat([full_mask, full_mask.new_ones(B, 1)], dim=1)
             e = embed(token[:, None])
             if offset is not None:
@@ -337,7 +348,7 @@ class ConditionedDecoder:
                 inputs_embeds=e, attention_mask=full_mask, position_ids=next_pos, past_key_values=cache, use_cache=True,
                 output_hidden_states=want_hidden,
             )
-            out = self._apply_output(out, cond, bias)
+            out = self._apply_output(out, cond, step_bias)
             cache = out.past_key_values
             next_pos = next_pos + 1
             logits = out.logits[:, -1, :]

@@ -417,10 +417,13 @@ class Larimar(nn.Module):
         seed: int | None = None,
         use_memory: UseMemory = "auto",
         return_details: bool = False,
+        release_after_answer: bool = False,
     ) -> list[str] | list[Generation]:
         """Continue each prompt. Greedy by default; sampling with temperature / top-k / top-p and a seed.
 
         `use_memory`: "auto" (scope detector decides), "always", or "never" (plain decoding).
+        `release_after_answer`: memory conditions a continuation only up to its first sentence end
+        (a token with ".", "!", "?" or a newline); the rest is plain decoding of the text so far.
         """
         prompts = check_texts(prompts, "generate")
         mask, scores, q_emb = self.route_with_embeddings(prompts, use_memory)
@@ -445,12 +448,25 @@ class Larimar(nn.Module):
                 eos_token_id=self.tokenizer.eos_token_id,
                 pad_token_id=self.tokenizer.pad_token_id,
                 generator=gen,
+                release_mask=self.sentence_end_mask() if release_after_answer else None,
             )
             for j, i in enumerate(idx):
                 outputs[i] = self.tokenizer.decode(new[j], skip_special_tokens=True)
         if return_details:
             return [Generation(outputs[i], bool(mask[i]), float(scores[i])) for i in range(len(prompts))]
         return outputs  # type: ignore[return-value]
+
+    def sentence_end_mask(self) -> torch.Tensor:
+        """(V,) bool: decoder tokens whose text holds ".", "!", "?" or a newline (cached)."""
+        mask = self.__dict__.get("_sentence_end_mask")
+        if mask is None:
+            V = self.decoder.get_output_embeddings().weight.shape[0]
+            texts = self.tokenizer.convert_ids_to_tokens(list(range(min(V, len(self.tokenizer)))))
+            flags = [any(ch in self.tokenizer.convert_tokens_to_string([t]) for ch in ".!?\n") if t is not None else False for t in texts]
+            mask = torch.zeros(V, dtype=torch.bool)
+            mask[: len(flags)] = torch.tensor(flags, dtype=torch.bool)
+            self.__dict__["_sentence_end_mask"] = mask
+        return mask
 
     @torch.no_grad()
     def score(
