@@ -8,6 +8,7 @@ L="${LARIMAR:-.venv/bin/larimar}"
 run() { echo "=== $(date +%T) larimar $*"; "$L" "$@" --no-progress || echo "!!! failed: larimar $*"; }
 echo "=== $(date +%T) keyed_capacity"; .venv/bin/python scripts/keyed_capacity.py --ridges 1.0 --out reports/keyed_capacity.json
 run eval modelcard   --out "$R/modelcard"
+echo "=== $(date +%T) larimar scope"; "$L" scope --n 500 --out "$R/scope500"
 run eval counterfact --method larimar  --n 500 --out "$R/cf_larimar"
 run eval counterfact --method unedited --n 500 --out "$R/cf_unedited"
 run eval timing      --n 10 --out "$R/timing"
@@ -19,18 +20,20 @@ run eval forget      --n 5 --out "$R/forget"
 run eval counterfact --method larimar  --n 200 --out "$R/cf_larimar_factwrite200" --set value_writes=false
 run eval counterfact --method larimar  --n 200 --out "$R/cf_larimar_paperwrite200" --set keyed_writes=false
 run eval counterfact --method larimar  --n 500 --out "$R/cf_larimar_noscope" --set scope_detector=false
-run eval robustness  --n 50 --out "$R/robustness"
+run eval robustness  --n 30 --out "$R/robustness"
 run eval longctx     --n 20 --out "$R/longctx"
 run eval batch       --memory-sizes 512 --sizes 1,16,64,256,512,1024,2048 --eval-n 50 --out "$R/batch_k512"
 run eval batch       --memory-sizes 512 --sizes 1,16,64,256,512,1024,2048 --eval-n 50 --out "$R/batch_k512_paperwrite" --set keyed_writes=false
-run eval batch       --eval-n 100 --out "$R/batch"
+run eval batch       --memory-sizes 256 --sizes 1,16,64,256,512,1024 --eval-n 50 --out "$R/batch_k256"
+run eval batch       --memory-sizes 1024 --sizes 1,16,64,256,512,1024,2048 --eval-n 50 --out "$R/batch_k1024"
 run eval counterfact --method prompt   --n 100 --out "$R/cf_prompt"
 run eval counterfact --method ike      --n 100 --out "$R/cf_ike"
 run eval counterfact --method grace    --n 100 --out "$R/cf_grace"
 run eval counterfact --method ft_l     --n 30  --out "$R/cf_ft_l"
 run eval counterfact --method rome     --n 30  --out "$R/cf_rome"
 run eval counterfact --method larimar  --n 500 --out "$R/cf_larimar_1reph" --set n_rephrases=1
-run eval leakage     --n 50 --systems base,larimar --out "$R/leakage"
+run eval leakage     --n 30 --systems base,larimar --out "$R/leakage"
+run eval leakage     --n 30 --systems rome --out "$R/leakage_rome"
 run eval rephrase    --max-writes 1000 --out "$R/rephrase"
 run eval sequential  --n 100 --eval-max 100 --methods grace --out "$R/sequential_grace100"
 echo "=== $(date +%T) done"
