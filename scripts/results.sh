@@ -34,6 +34,6 @@ run eval counterfact --method rome     --n 30  --out "$R/cf_rome"
 run eval counterfact --method larimar  --n 500 --out "$R/cf_larimar_1reph" --set n_rephrases=1
 run eval leakage     --n 30 --systems base,larimar --out "$R/leakage"
 run eval leakage     --n 30 --systems rome --out "$R/leakage_rome"
-run eval rephrase    --max-writes 500 --eval-every 250 --out "$R/rephrase"
+run eval rephrase    --max-writes 1000 --eval-every 250 --out "$R/rephrase1000"
 run eval sequential  --n 100 --eval-max 100 --methods grace --out "$R/sequential_grace100"
 echo "=== $(date +%T) done"
