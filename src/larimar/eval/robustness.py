@@ -12,7 +12,8 @@ is done here, on the state's own addressing (:func:`noisy_read`)::
 
 and the read-outs are handed to the decoder with
 :func:`larimar.eval.sequential.score_from_latents` / :func:`~larimar.eval.sequential.generate_from_latents`
-(the model's own ``read_latents`` is noise-free; ``LarimarConfig.sigma_w`` is not applied anywhere).
+(``Larimar.read_latents`` adds the same noise when ``LarimarConfig.sigma_w`` > 0; this evaluation
+draws its own, so that every noise level sees the same draw).
 
 Protocol (``larimar eval robustness``)
 --------------------------------------
