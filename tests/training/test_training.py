@@ -155,6 +155,20 @@ def test_memory_readout_survives_bf16_autocast_and_repeated_items():
     torch.testing.assert_close(Wq @ M, Z, atol=2e-2, rtol=2e-2)
 
 
+def test_memory_readout_repeated_large_keys_fall_back_to_jitter():
+    """Four identical keys: the float32 Gram (1e5 scale, ridge 1e-3) fails a plain Cholesky."""
+    torch.manual_seed(0)
+    M0 = torch.randn(10, 6)
+    key = 500 * torch.randn(1, 6)
+    keys = key.repeat(4, 1)
+    gram = (keys @ torch.linalg.pinv(M0)) @ (keys @ torch.linalg.pinv(M0)).T + 1e-3 * torch.eye(4)
+    assert torch.linalg.cholesky_ex(gram).info != 0  # the case this guards against
+    Z = torch.randn(4, 6)
+    Wq, M = memory_readout(Z, keys[:1], M0, 1e-3, keys=keys)
+    assert torch.isfinite(M).all()
+    torch.testing.assert_close(Wq @ M, Z.mean(0, keepdim=True), atol=0.1, rtol=0)  # one key, four values: about their mean (float32)
+
+
 # ---------------------------------------------------------------------------------------------- stage 1
 def tiny_output_model() -> Larimar:
     cfg = LarimarConfig(**MODEL_CFG, output_offset=True, output_hidden=32)

@@ -203,8 +203,19 @@ def memory_readout(
         W = (Z if keys is None else keys.to(dtype)) @ M0_pinv  # (E, K)
         Wq = Q @ M0_pinv  # (E', K)
         E = W.shape[0]
-        gram = W @ W.T + lam * torch.eye(E, dtype=dtype, device=W.device)  # (E, E), SPD
-        M = W.T @ torch.cholesky_solve(Z, torch.linalg.cholesky(gram))  # (K, C): ridge solution via the E x E dual
+        eye = torch.eye(E, dtype=dtype, device=W.device)
+        gram = W @ W.T + lam * eye  # (E, E), SPD in exact arithmetic
+        L, info = torch.linalg.cholesky_ex(gram)
+        # repeated keys with a ridge tiny next to the Gram's scale can fail in float32: add jitter, growing
+        jitter = 1e-6 * float(gram.diagonal().mean().detach())
+        for _ in range(6):
+            if int(info) == 0:
+                break
+            L, info = torch.linalg.cholesky_ex(gram + jitter * eye)
+            jitter *= 10
+        if int(info) != 0:
+            raise torch.linalg.LinAlgError(f"memory_readout: the {E}x{E} write Gram matrix is not positive definite (non-finite latents?)")
+        M = W.T @ torch.cholesky_solve(Z, L)  # (K, C): ridge solution via the E x E dual
     return Wq, M
 
 
