@@ -73,7 +73,8 @@ class ScopeDetector:
         self.tokenize = tokenize
         self.idf = idf
         self.keys: torch.Tensor | None = None  # (N, H) unit-norm
-        self.key_tokens: list[dict[str, float]] = []  # per fact: {token: normalised idf weight}, weights sum to 1
+        self._key_texts: list[str] = []
+        self._lexical: tuple[dict[str, int], torch.Tensor, torch.Tensor] | None = None  # built on first use
         self._weights_cache: dict[str, dict[str, float]] = {}
         self.gather_limit = 1 << 23  # lexical recall gathers at most this many (query, fact, token) weights at a time
 
@@ -99,35 +100,48 @@ class ScopeDetector:
 
     def set_keys(self, embeddings: torch.Tensor | None, texts: list[str] | None = None) -> None:
         """Stored facts: (N, H) embeddings and, when lexical recall is on, their N texts."""
+        self._lexical = None
         if embeddings is None or embeddings.shape[0] == 0:
-            self.keys, self.key_tokens = None, []
+            self.keys, self._key_texts = None, []
             return
         if self.lexical_weight > 0:
             if texts is None or len(texts) != embeddings.shape[0]:
                 raise ValueError(f"ScopeDetector.set_keys: lexical recall needs one text per key ({embeddings.shape[0]} keys)")
-            self.key_tokens = [self.token_weights(t) for t in texts]
-            # padded (N, L) token ids into a vocabulary of the keys' tokens, and their weights (0 = padding)
-            self._vocab: dict[str, int] = {}
-            L = max((len(w) for w in self.key_tokens), default=0) or 1
-            self._key_ids = torch.zeros(len(texts), L, dtype=torch.long)
-            self._key_w = torch.zeros(len(texts), L)
-            for i, weights in enumerate(self.key_tokens):
-                for j, (t, v) in enumerate(weights.items()):
-                    self._key_ids[i, j] = self._vocab.setdefault(t, len(self._vocab))
-                    self._key_w[i, j] = v
+            self._key_texts = list(texts)
         self.keys = self.normalise(embeddings)
+
+    @property
+    def key_tokens(self) -> list[dict[str, float]]:
+        """Per stored fact: {token: normalised idf weight}, weights summing to 1."""
+        return [self.token_weights(t) for t in self._key_texts]
+
+    def _lexical_index(self) -> tuple[dict[str, int], torch.Tensor, torch.Tensor]:
+        """(vocabulary of the keys' tokens, padded (N, L) token ids, their (N, L) weights; 0 = padding).
+
+        Built when a query is first scored after the keys changed, not on every write: evaluations
+        that write many times and never route (sequential editing) do not pay for it.
+        """
+        if self._lexical is None:
+            vocab: dict[str, int] = {}
+            rows = [[(vocab.setdefault(t, len(vocab)), v) for t, v in self.token_weights(text).items()] for text in self._key_texts]
+            L = max((len(r) for r in rows), default=0) or 1
+            ids = torch.tensor([[i for i, _ in r] + [0] * (L - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), L)
+            w = torch.tensor([[v for _, v in r] + [0.0] * (L - len(r)) for r in rows], dtype=torch.float32).reshape(len(rows), L)
+            self._lexical = (vocab, ids, w)
+        return self._lexical
 
     def lexical_recall(self, queries: list[str]) -> torch.Tensor:
         """(Q, N): IDF-weighted share of each stored fact's tokens that occur in each query."""
-        present = torch.zeros(len(queries), len(self._vocab) + 1)  # (Q, V): the query has the token
+        vocab, key_ids, key_w = self._lexical_index()
+        present = torch.zeros(len(queries), len(vocab) + 1)  # (Q, V): the query has the token
         for qi, q in enumerate(queries):
             for t in set(self.tokenize(q)):  # type: ignore[misc]
-                j = self._vocab.get(t)
+                j = vocab.get(t)
                 if j is not None:
                     present[qi, j] = 1.0
-        N, L = self._key_ids.shape
+        N, L = key_ids.shape
         step = max(1, self.gather_limit // (N * L))  # queries per chunk
-        return torch.cat([(present[i : i + step, self._key_ids] * self._key_w).sum(-1) for i in range(0, len(queries), step)])  # (Q, N)
+        return torch.cat([(present[i : i + step, key_ids] * key_w).sum(-1) for i in range(0, len(queries), step)])  # (Q, N)
 
     @torch.no_grad()
     def score(self, queries: list[str]) -> ScopeResult:
