@@ -206,13 +206,13 @@ def memory_readout(
         eye = torch.eye(E, dtype=dtype, device=W.device)
         gram = W @ W.T + lam * eye  # (E, E), SPD in exact arithmetic
         L, info = torch.linalg.cholesky_ex(gram)
-        # repeated keys with a ridge tiny next to the Gram's scale can fail in float32: add jitter, growing
-        jitter = 1e-6 * float(gram.diagonal().mean().detach())
-        for _ in range(6):
-            if int(info) == 0:
-                break
-            L, info = torch.linalg.cholesky_ex(gram + jitter * eye)
-            jitter *= 10
+        if int(info) != 0:  # repeated keys with a ridge tiny next to the Gram's scale fail in float32: add growing jitter
+            jitter = 1e-6 * float(gram.diagonal().mean().detach())
+            for _ in range(6):
+                L, info = torch.linalg.cholesky_ex(gram + jitter * eye)
+                if int(info) == 0:
+                    break
+                jitter *= 10
         if int(info) != 0:
             raise torch.linalg.LinAlgError(f"memory_readout: the {E}x{E} write Gram matrix is not positive definite (non-finite latents?)")
         M = W.T @ torch.cholesky_solve(Z, L)  # (K, C): ridge solution via the E x E dual
