@@ -325,6 +325,7 @@ class ConditionedDecoder:
         next_pos = position_ids[:, -1:] + 1  # (B, 1)
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         released = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        release = release_mask.to(input_ids.device) if release_mask is not None and bias is not None else None
         new_tokens = []
         logits = out.logits[:, -1, :]
         for step in range(max_new_tokens):
@@ -335,8 +336,8 @@ class ConditionedDecoder:
                 finished = finished | (token == eos_token_id)
             if step == max_new_tokens - 1 or bool(finished.all()):
                 break
-            if release_mask is not None and bias is not None:
-                released = released | release_mask.to(token.device)[token]
+            if release is not None:
+                released = released | release[token]
                 step_bias = bias * (~released).to(bias.dtype)[:, None, None]  # (B, m, V): released rows get none
             else:
                 step_bias = bias
