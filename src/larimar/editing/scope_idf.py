@@ -34,17 +34,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
     from larimar.demo import _quiet_transformers
     from larimar.editing.scope import build_idf
     from larimar.eval.data import default_data_dir
-    from larimar.modeling.model import Larimar, default_adapter_dir, save_scope_idf
+    from larimar.modeling.config import LarimarConfig
+    from larimar.modeling.loading import resolve_encoder
+    from larimar.modeling.model import CONFIG_FILE, default_adapter_dir, save_scope_idf
 
     _quiet_transformers()
     directory = Path(args.model) if args.model else default_adapter_dir()
-    model = Larimar.from_pretrained(directory)
+    if not (directory / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{directory}: no {CONFIG_FILE} (not a saved Larimar model)")
+    # only the encoder's tokenizer is needed, not the models
+    tokenizer = AutoTokenizer.from_pretrained(resolve_encoder(LarimarConfig.load(directory / CONFIG_FILE).encoder))
     text = Path(args.text) if args.text else default_data_dir() / "text"
     docs = list(paragraphs(text))
-    idf = build_idf(docs, model.encoder.tokenizer.tokenize)
+    idf = build_idf(docs, tokenizer.tokenize)
     path = save_scope_idf(directory, idf)
     print(f"{path}: {len(idf) - 1} tokens from {len(docs)} paragraphs of {text}")
     return 0
