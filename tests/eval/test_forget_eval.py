@@ -149,3 +149,30 @@ def test_larimar_point_forgets_with_a_memory_that_recalls(model, monkeypatch):
     # each trial starts again from the full memory: exactly one fact missing, one "unknown" added
     for texts in written[1:]:
         assert len(texts) == 6 and sum(t.endswith("unknown.") for t in texts) == 1
+
+
+def test_larimar_point_with_key_slots_reads_answers_from_memory(monkeypatch):
+    """Key slots (Gaussian addressing against the prompts' encodings): the answer decoded as the
+    value nearest to the real read-out is the written object before forgetting, "unknown" after,
+    and the other facts' answers are untouched."""
+    from larimar.eval.sequential import MemoryOptions, encode_latents
+    from larimar.modeling.model import fact_value
+
+    model = tiny_larimar(memory_size=40, keyed_writes=True, value_writes=True)
+    cs = cases()
+    answers = [new for _, _, new, _ in FACTS] + [fg.UNKNOWN]
+    Zv = encode_latents(model, answers).double()
+    assert fact_value(f"{cs[0].prompt} {cs[0].target_new}.", cs[0].prompt) == cs[0].target_new
+
+    def nearest_value(m, prompts, **k):
+        z = m.read(list(prompts)).double()
+        cos = torch.nn.functional.normalize(z, dim=-1) @ torch.nn.functional.normalize(Zv, dim=-1).T
+        return [answers[int(i)] for i in cos.argmax(-1)]
+
+    monkeypatch.setattr(fg, "batched_generate", nearest_value)
+    rec = fg.larimar_point(model, cs, 6, trials=3, retained_max=2, memory=MemoryOptions(addressing="gaussian"))
+    assert rec["K"] == 40  # 6 key slots, 34 sentinel rows
+    assert model.facts.state.addressing == "reference"  # the model's own memory is back afterwards
+    assert rec["recall_before"] == 1.0 and rec["retained_recall_before"] == 1.0
+    assert rec["forgotten_recall"] == 0.0 and rec["forgotten_says_unknown"] == 1.0
+    assert rec["retained_recall"] == 1.0

@@ -180,3 +180,27 @@ def test_value_writes_store_the_new_objects():
     assert model.facts.texts == editor.written  # the ledger keeps the whole facts (forget, scope detector)
     with pytest.raises(ValueError, match="value_writes must be true or false"):
         make_editor("larimar", model, model.tokenizer, value_writes=1)
+
+
+def test_key_slots_set_up_by_the_first_write_into_an_empty_memory():
+    model = tiny_larimar()
+    editor = make_editor("larimar", model, model.tokenizer, keyed_writes=True, value_writes=True, key_slots=True)
+    assert model.facts.state.addressing == "reference"  # nothing set up before the first write
+    editor.edit([REQ, REQ2])
+    state = model.facts.state
+    assert state.addressing == "gaussian" and state.lam == pytest.approx(0.01) and state.M_ref.shape == (12, 16)
+    keys = model.encoder([REQ.prompt, REQ2.prompt]).to(state.M_ref.dtype)
+    torch.testing.assert_close(state.M_ref[:2], keys, atol=1e-5, rtol=1e-5)
+    # each prompt reads its own slot: its object's latent / (1 + λ)
+    objects = model.encoder([REQ.target_new, REQ2.target_new]).to(state.M.dtype)
+    torch.testing.assert_close(model.read([REQ.prompt, REQ2.prompt]).to(state.M.dtype), objects / 1.01, atol=1e-4, rtol=1e-4)
+    ref_before = state.M_ref.clone()
+    editor.edit(EditRequest("Apple was founded by", "Apple", "Bill Gates", "Steve Jobs"))
+    assert torch.equal(model.facts.state.M_ref, ref_before)  # later writes keep the slots
+    editor.reset()
+    assert model.facts.state.addressing == "reference"
+    with pytest.raises(ValueError, match="needs keyed writes"):
+        make_editor("larimar", tiny_larimar(), None, keyed_writes=False, key_slots=True)
+    for bad in (dict(key_slots="yes"), dict(key_slot_alpha=0), dict(key_slot_ridge=-1.0)):
+        with pytest.raises(ValueError):
+            make_editor("larimar", model, model.tokenizer, keyed_writes=True, **bad)

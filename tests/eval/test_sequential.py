@@ -189,3 +189,95 @@ def test_reference_memory_has_the_trained_m0_row_scale(model):
     # same directions as the raw encodings, one common factor
     scale = ref.float().norm() / raw.float().norm()
     torch.testing.assert_close(ref.float(), raw.float() * scale, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------ key slots (Gaussian addressing)
+
+
+@pytest.fixture(scope="module")
+def wide_model() -> Larimar:
+    """K = 40 slots, C = 16: more keys than dimensions."""
+    return tiny_larimar(memory_size=40, keyed_writes=True, value_writes=True)
+
+
+def _keyed(n: int) -> tuple[list[str], list[str]]:
+    """``n`` distinct prompts in words the tiny WordPiece vocabulary spells apart (it has no digits)."""
+    letters = "abcdefgh"
+    words = [a + b for a in letters for b in letters if a != b]
+    prompts = [f"What is the {words[i]} of {words[-1 - i]}?" for i in range(n)]
+    return [f"{p} answer{i}." for i, p in enumerate(prompts)], prompts
+
+
+def test_memory_options_defaults_and_checks(model):
+    ref = seq.MemoryOptions()
+    assert not ref.key_slots and ref.ridge_for(model) == model.config.ridge
+    assert ref.describe(model) == {"addressing": "reference", "ridge": model.config.ridge}
+    slots = seq.MemoryOptions(addressing="gaussian")
+    assert slots.key_slots and slots.ridge_for(model) == 0.01
+    assert slots.describe(model) == {"addressing": "gaussian", "ridge": 0.01, "gaussian_alpha": 0.1}
+    assert seq.MemoryOptions(addressing="gaussian", ridge=0.5).ridge_for(model) == 0.5
+    for bad in (dict(addressing="current"), dict(gaussian_alpha=0.0), dict(ridge=-1.0)):
+        with pytest.raises(ValueError):
+            seq.MemoryOptions(**bad)
+    p = argparse.ArgumentParser()
+    seq.add_memory_arguments(p)
+    assert seq.memory_options(p.parse_args(["--addressing", "gaussian", "--ridge", "0.1"])) == seq.MemoryOptions(
+        addressing="gaussian", ridge=0.1
+    )
+
+
+def test_key_slot_reference_addresses_each_prompt_to_its_own_slot(wide_model):
+    import torch
+
+    from larimar.memory import gaussian_weights
+
+    _, prompts = _keyed(40)
+    ref = seq.key_slot_reference(wide_model, prompts, 40)
+    torch.testing.assert_close(ref, seq.encode_latents(wide_model, prompts), rtol=0, atol=0)
+    # the same prompts encoded again, in another batch size, still pick their own row
+    q = seq.encode_latents(wide_model, prompts[::-1], batch_size=7).flip(0)
+    W = gaussian_weights(q.double(), ref.double(), alpha=0.1)
+    assert torch.equal(W.argmax(-1), torch.arange(40))
+    assert float(W.max(-1).values.min()) > 0.99
+
+
+def test_key_slots_hold_more_facts_than_dimensions(wide_model):
+    """N = 32 keyed facts with C = 16: key slots read every value back (scaled by 1/(1+λ));
+    pseudo-inverse addressing cannot (32 keys in 16 dimensions overlap)."""
+    from larimar.modeling.model import fact_value
+
+    texts, prompts = _keyed(32)
+    values = [fact_value(t, p) for t, p in zip(texts, prompts)]
+    Zv = seq.encode_latents(wide_model, values).double()
+
+    def read_error(memory: "seq.MemoryOptions") -> float:
+        if memory.key_slots:
+            seq.fresh_memory(wide_model, memory.reference(wide_model, prompts, 32), addressing="gaussian",
+                             gaussian_alpha=memory.gaussian_alpha, ridge=memory.ridge_for(wide_model), zero_prior=True)
+        else:
+            wide_model.reset_memory()
+        wide_model.write_facts(texts, prompts)
+        scale = 1.0 / (1.0 + memory.ridge_for(wide_model)) if memory.key_slots else 1.0
+        z = wide_model.read(prompts).double()
+        return float(((z - scale * Zv).norm(dim=-1) / Zv.norm(dim=-1)).max())
+
+    assert read_error(seq.MemoryOptions(addressing="gaussian")) < 1e-3
+    assert read_error(seq.MemoryOptions()) > 0.1
+    wide_model.reset_memory()
+
+
+def test_sequential_with_key_slots_records_options_and_resumes(wide_model, tmp_path, monkeypatch):
+    from larimar.eval.data import load_cases
+
+    cases = load_cases(write_zsre(tmp_path / "z.json", QUESTIONS[:7]))
+    slots = seq.MemoryOptions(addressing="gaussian")
+    first = _run(wide_model, tmp_path, cases, methods=("larimar",), memory=slots, plot=False, memory_size=8)
+    assert first["K"] == 8
+    saved = (tmp_path / "out" / "larimar")
+    snap = json.loads((saved / "progress.json").read_text())["snapshot"]
+    from larimar.editing.store import FactMemory
+
+    state = FactMemory.load(saved / snap).state
+    assert state.addressing == "gaussian" and state.lam == pytest.approx(0.01)
+    monkeypatch.setattr(seq.LarimarStream, "write", lambda *a, **k: pytest.fail("rewritten"))
+    assert _run(wide_model, tmp_path, cases, methods=("larimar",), memory=slots, plot=False, memory_size=8) == first

@@ -150,3 +150,56 @@ def test_reference_from_tensor_copies_and_detaches():
     bad[0, 0] = float("inf")
     with pytest.raises(MemoryInputError, match="non-finite"):
         reference_from_tensor(bad)
+
+
+# ------------------------------------------------------------------ key slots
+
+
+def test_key_slot_reference_rows_and_far_sentinels():
+    from larimar.memory import key_slot_reference
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    ref = key_slot_reference(keys, 9)
+    assert ref.shape == (9, 3)
+    torch.testing.assert_close(ref[:5], keys, rtol=0, atol=0)
+    # the sentinels are distinct, and each one is >= far x the keys' spread from the centroid
+    spread = float((keys - keys.mean(0)).norm(dim=-1).max())
+    d = (ref[5:] - keys.mean(0)).norm(dim=-1)
+    assert bool((d >= 1e3 * spread * (1 - 1e-12)).all())
+    assert torch.cdist(ref[5:], ref[5:]).add(torch.eye(4, dtype=ref.dtype)).min() > 0
+    # queries near the keys never address a sentinel, and each key addresses its own slot alone
+    q = keys + 0.3 * torch.randn(5, 3, generator=g, dtype=torch.float64)
+    W = gaussian_weights(torch.cat([keys, q]), ref, alpha=0.1)
+    assert float(W[:, 5:].max()) == 0.0
+    torch.testing.assert_close(W[:5], torch.eye(5, 9, dtype=W.dtype), rtol=0, atol=1e-12)
+    # more keys than K: the first K, no sentinels
+    torch.testing.assert_close(key_slot_reference(keys, 4), keys[:4], rtol=0, atol=0)
+    # more sentinels than dimensions: still all distinct
+    many = key_slot_reference(keys[:1], 8)
+    assert torch.cdist(many, many).add(torch.eye(8, dtype=many.dtype)).min() > 0
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(0, 3), torch.zeros(2, 2, 3), torch.tensor([[float("nan"), 0.0]])])
+def test_key_slot_reference_rejects_bad_keys(bad):
+    from larimar.memory import MemoryInputError, key_slot_reference
+
+    with pytest.raises((MemoryInputError, ValueError, TypeError)):
+        key_slot_reference(bad, 4)
+
+
+def test_key_slots_store_more_keys_than_dimensions_exactly():
+    """K = 24 keys in C = 6 dimensions: with key slots every value is read back exactly
+    (scaled 1/(1+λ)); with pseudo-inverse addressing against any reference it cannot be."""
+    from larimar.memory import MemoryState, key_slot_reference
+
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(24, 6, generator=g, dtype=torch.float64)
+    values = torch.randn(24, 6, generator=g, dtype=torch.float64)
+    lam = 1e-2
+    slots = MemoryState.init(key_slot_reference(keys, 24), lam=lam, addressing="gaussian", gaussian_alpha=0.1)
+    slots = slots.write(values, slots.address(keys))  # keyed write: values stored at the keys' addresses
+    torch.testing.assert_close(slots.read(keys), values / (1 + lam), rtol=1e-9, atol=1e-9)
+    pinv = MemoryState.init(random_reference(24, 6, generator=g, dtype=torch.float64), lam=lam)
+    pinv = pinv.write(values, pinv.address(keys))
+    assert float((pinv.read(keys) - values).norm() / values.norm()) > 0.3

@@ -6,7 +6,11 @@ For each data set (CounterFact, ZsRE) and each ``N`` of ``--sizes`` (default ``1
 model's memory size, ``--memory-size`` to change it):
 
 1. Larimar's memory is emptied and the first ``N`` usable cases are written in *one* episode as
-   ``"{prompt} {target_new}."`` (one-shot batch write).
+   ``"{prompt} {target_new}."`` (one-shot batch write). The memory is the model's own (pseudo-inverse
+   addressing against the trained M0), or with ``--addressing gaussian`` a memory of *key slots*:
+   Gaussian addressing against the encodings of the first ``K`` prompts of the data
+   (:class:`larimar.eval.sequential.MemoryOptions`), so that each of up to ``K`` facts has a slot of
+   its own.
 2. ``--n`` facts (default 5, at most ``N``) are chosen with a fixed seed as the facts to forget, and
    a fixed sample of at most ``--retained-max`` (default 100) of the other ``N - 1`` facts as the
    retained facts to check. Before anything is forgotten their recall is measured (``recall_before``,
@@ -62,11 +66,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from larimar.eval.sequential import (
+    MemoryOptions,
     add_common_arguments,
+    add_memory_arguments,
     batched_generate,
     contains_answer,
     fact_sentence,
     markdown_table,
+    memory_options,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -145,9 +152,18 @@ def larimar_point(
     use_memory: str = "always",
     batch_size: int = 16,
     seed: int = 0,
+    memory: "MemoryOptions | None" = None,
 ) -> dict[str, Any]:
     """Write ``cases[:N]`` at once, then for each of ``trials`` facts: forget it exactly, write
-    ``"{prompt} unknown."`` and measure recall (see the module docstring). Returns the point record."""
+    ``"{prompt} unknown."`` and measure recall (see the module docstring). Returns the point record.
+
+    ``memory``: the default (``None`` or pseudo-inverse addressing) is the model's own empty memory
+    (reference M0). With key slots (``MemoryOptions(addressing="gaussian")``) it is
+    :meth:`Larimar.key_slot_memory` over the prompts of the first ``K`` of *all* ``cases``, so the
+    reference does not depend on ``N``.
+    """
+    slots = memory is not None and memory.key_slots
+    all_prompts = [c.prompt for c in cases]
     cases = list(cases[:N])
     if len(cases) < N:
         raise ValueError(f"N={N} needs {N} cases, got {len(cases)}")
@@ -160,7 +176,10 @@ def larimar_point(
             batch_size=batch_size,
         )
 
-    model.reset_memory()
+    if slots:
+        model.facts = model.key_slot_memory(all_prompts, gaussian_alpha=memory.gaussian_alpha, ridge=memory.ridge_for(model))
+    else:
+        model.reset_memory()
     t0 = time.perf_counter()
     model.write_facts(texts, [c.prompt for c in cases])
     write_seconds = time.perf_counter() - t0
@@ -369,8 +388,10 @@ def run_forget(
     seed: int = 0,
     force: bool = False,
     progress: bool = True,
+    memory: MemoryOptions | None = None,
 ) -> dict[str, Any]:
-    """Run every (method, data set, N) point into ``out_dir``; return ``{"runs": [...]}``."""
+    """Run every (method, data set, N) point into ``out_dir``; return ``{"runs": [...]}``.
+    ``memory``: Larimar's addressing (see :func:`larimar_point`)."""
     from tqdm.auto import tqdm
 
     from larimar.eval.runner import atomic_write_json, atomic_write_text, prepare_out_dir, seed_everything
@@ -397,7 +418,8 @@ def run_forget(
             seed_everything(seed)
             if method == "larimar":
                 rec = larimar_point(model, datasets[name], N, trials=trials, retained_max=retained_max,
-                                    max_new_tokens=max_new_tokens, use_memory=use_memory, batch_size=batch_size, seed=seed)
+                                    max_new_tokens=max_new_tokens, use_memory=use_memory, batch_size=batch_size, seed=seed,
+                                    memory=memory)
             else:
                 rec = icl_point(model, datasets[name], N, trials=trials, retained_max=retained_max,
                                 icl_retained_max=icl_retained_max, icl_max_tokens=icl_max_tokens,
@@ -429,6 +451,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--datasets", default="counterfact,zsre", help="comma-separated: counterfact,zsre (default both)")
     p.add_argument("--sizes", default="1,K,2K", help="numbers of facts written, K = memory size (default 1,K,2K)")
     p.add_argument("--memory-size", type=int, default=None, help="K (default: the model's)")
+    add_memory_arguments(p)
     p.add_argument("--retained-max", type=int, default=100, help="retained facts checked per point (default 100)")
     p.add_argument("--use-memory", choices=("always", "auto"), default="always", help="Larimar query routing (default always)")
     p.add_argument("--no-icl", action="store_true", help="skip the in-context forgetting baseline")
@@ -454,6 +477,7 @@ def run(args: argparse.Namespace) -> int:
     if args.memory_size is not None:
         set_memory_size(model, args.memory_size)
     K = int(model.config.memory_size)
+    memory = memory_options(args)
     sizes = parse_sizes(args.sizes, K)
     datasets: dict[str, list[Any]] = {}
     files: dict[str, Any] = {}
@@ -478,6 +502,7 @@ def run(args: argparse.Namespace) -> int:
         "icl_retained_max": args.icl_retained_max,
         "icl_max_tokens": args.icl_max_tokens,
         "max_new_tokens": args.max_new_tokens,
+        **memory.describe(model),
         "model": describe_model(args.model),
         "seed": args.seed,
         "batch_size": args.batch_size,
@@ -486,7 +511,7 @@ def run(args: argparse.Namespace) -> int:
         model, datasets, args.out, config=config, sizes=sizes, trials=args.n, retained_max=args.retained_max,
         icl=not args.no_icl, icl_retained_max=args.icl_retained_max, icl_max_tokens=args.icl_max_tokens,
         max_new_tokens=args.max_new_tokens, use_memory=args.use_memory, batch_size=args.batch_size,
-        seed=args.seed, force=args.force, progress=not args.no_progress,
+        seed=args.seed, force=args.force, progress=not args.no_progress, memory=memory,
     )
     print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
     print(f"results in {args.out}")

@@ -88,6 +88,13 @@ class LarimarEditor:
         value_writes: with keyed writes, store each fact's value (its text after the prompt) rather
             than the whole fact (see :meth:`Larimar.write_facts`); default: the model config's.
         write_batch_size: texts per encoder forward pass when writing.
+        key_slots: the first write into an empty memory sets up *key slots*
+            (:meth:`Larimar.key_slot_memory`): Gaussian addressing against the latents of that
+            write's prompts, so each of up to K facts of the batch has a slot of its own. Later
+            writes until the next reset address the same slots (their keys land in the nearest one).
+            Needs keyed writes.
+        key_slot_alpha: bandwidth of the key slots' Gaussian addressing.
+        key_slot_ridge: ridge λ of writes into key slots.
     """
 
     name = "larimar"
@@ -108,6 +115,9 @@ class LarimarEditor:
         value_writes: bool | None = None,
         score_batch_size: int = 16,
         write_batch_size: int = 64,
+        key_slots: bool = False,
+        key_slot_alpha: float = 0.1,
+        key_slot_ridge: float = 0.01,
     ) -> None:
         for attr in ("write", "score", "reset_memory", "route", "condition_prompts", "decoder", "tokenizer"):
             if not hasattr(model, attr):
@@ -152,6 +162,16 @@ class LarimarEditor:
                 model.configure_scope()
         if memory_size is not None:
             set_memory_size(model, memory_size)
+        if not isinstance(key_slots, bool):
+            raise ValueError(f"larimar editor: key_slots must be true or false, got {key_slots!r}")
+        if key_slots and not model.config.keyed_writes:
+            raise ValueError("larimar editor: key_slots needs keyed writes (keyed_writes: true)")
+        for name, value in (("key_slot_alpha", key_slot_alpha), ("key_slot_ridge", key_slot_ridge)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"larimar editor: {name} must be a positive number, got {value!r}")
+        self.key_slots = key_slots
+        self.key_slot_alpha = float(key_slot_alpha)
+        self.key_slot_ridge = float(key_slot_ridge)
         self.requests: list[EditRequest] = []
         #: texts written to memory since the last reset, in order
         self.written: list[str] = []
@@ -206,6 +226,10 @@ class LarimarEditor:
                 for p in list(paras)[: self.n_rephrases]:
                     texts.append(self.fact_text(r, p))
                     prompts.append(p.rstrip())
+        if self.key_slots and len(self.model) == 0:
+            self.model.facts = self.model.key_slot_memory(
+                prompts, gaussian_alpha=self.key_slot_alpha, ridge=self.key_slot_ridge, batch_size=self.write_batch_size
+            )
         self.model.write_facts(texts, prompts, batch_size=self.write_batch_size)
         self.edit_seconds.append(time.perf_counter() - t0)
         self.requests.extend(reqs)
@@ -265,7 +289,8 @@ class LarimarEditor:
     def __repr__(self) -> str:
         return (
             f"LarimarEditor(scope_detector={self.scope_detector}, n_rephrases={self.n_rephrases}, "
-            f"addressing={self.model.config.addressing!r}, K={self.model.config.memory_size}, facts={len(self.model)})"
+            f"addressing={self.model.config.addressing!r}, key_slots={self.key_slots}, K={self.model.config.memory_size}, "
+            f"facts={len(self.model)})"
         )
 
 

@@ -11,7 +11,10 @@ Protocol (``larimar eval sequential``)
   the encodings of the first ``K`` question prompts of the fact pool
   (:func:`reference_memory`: :func:`larimar.memory.reference_from_encodings`, rescaled to the trained
   M0's row norm; the pool continues past the ``n`` written facts when
-  ``n < K``; when the pool is smaller than ``K``, ``K`` shrinks to it, with a warning). Facts are written
+  ``n < K``; when the pool is smaller than ``K``, ``K`` shrinks to it, with a warning) and
+  pseudo-inverse addressing ``w = z M_ref^†``. With ``--addressing gaussian`` the reference rows are
+  the raw prompt encodings (:func:`key_slot_reference`) and addressing is Gaussian (Eq. 7–8), so a
+  fact queried with its own prompt reads its own slot (*key slots*; see :class:`MemoryOptions`). Facts are written
   one by one with the exact sequential update of Eq. 4 (:meth:`larimar.memory.MemoryState.write`), and
   every query reads memory (``use_memory="always"``: the scope detector is not involved).
 * GRACE (``make_editor("grace", ...)`` on the same decoder) edits the same sequence one fact at a time.
@@ -57,6 +60,7 @@ import shutil
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -78,6 +82,10 @@ __all__ = [
     "contains_answer",
     "encode_latents",
     "reference_memory",
+    "key_slot_reference",
+    "MemoryOptions",
+    "add_memory_arguments",
+    "memory_options",
     "first_answer",
     "fresh_memory",
     "generate_from_latents",
@@ -212,16 +220,100 @@ def reference_memory(model: "Larimar", texts: Sequence[str], K: int) -> "torch.T
     return ref * (target / ref.float().norm(dim=-1).mean().clamp_min(1e-12)).to(ref.dtype)
 
 
+def key_slot_reference(model: "Larimar", prompts: Sequence[str], K: int) -> "torch.Tensor":
+    """A reference memory ``(K, C)`` whose rows are the *raw* encodings of the first ``K`` prompts
+    (:func:`larimar.memory.key_slot_reference`: far sentinel rows when there are fewer), for
+    Gaussian addressing: a query equal to one of these prompts is at distance ~0 from its row,
+    so its weights are one-hot on that slot (its own *key slot*), and each of up to ``K`` facts keyed
+    by these prompts is stored in a slot of its own. Not rescaled (unlike :func:`reference_memory`):
+    Gaussian weights sum to one whatever the scale, and rescaling would move the rows off the queries.
+    """
+    from larimar.memory import key_slot_reference as slots
+
+    return slots(encode_latents(model, prompts[:K]), K)
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    """How an experiment builds Larimar's memory.
+
+    ``addressing="reference"`` (the default, the paper's): pseudo-inverse addressing against a fixed
+    reference memory (the trained M0, or the rescaled prompt encodings of :func:`reference_memory`),
+    ridge ``λ`` = the config's. Keys then live in a C-dimensional space, so a linear memory separates
+    at most ``C`` keys (C = 384 for the shipped model): past that, facts overlap.
+
+    ``addressing="gaussian"``: *key slots*. The reference rows are the raw encodings of the prompts
+    of the fact pool (:func:`key_slot_reference`) and addressing is Gaussian (paper Eq. 7–8) with
+    bandwidth ``gaussian_alpha``. A fact queried with its own prompt reads its own slot, so up to
+    ``K`` facts are stored without overlap. The weights are then (close to) one-hot, and a write with
+    ridge ``λ`` stores ``z / (1 + λ)`` in the slot, so the ridge defaults to ``0.01`` (the config's
+    ``λ = 1`` would halve every read-out).
+    """
+
+    addressing: str = "reference"
+    gaussian_alpha: float = 0.1
+    ridge: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.addressing not in ("reference", "gaussian"):
+            raise ValueError(f"addressing must be 'reference' or 'gaussian', got {self.addressing!r}")
+        if not (self.gaussian_alpha > 0):
+            raise ValueError(f"gaussian_alpha must be > 0, got {self.gaussian_alpha}")
+        if self.ridge is not None and not (self.ridge > 0):
+            raise ValueError(f"ridge must be > 0, got {self.ridge}")
+
+    @property
+    def key_slots(self) -> bool:
+        return self.addressing == "gaussian"
+
+    def ridge_for(self, model: "Larimar") -> float:
+        """``λ`` of the writes: the given one, else 0.01 with key slots, else the model config's."""
+        if self.ridge is not None:
+            return float(self.ridge)
+        return 0.01 if self.key_slots else float(model.config.ridge)
+
+    def reference(self, model: "Larimar", prompts: Sequence[str], K: int) -> "torch.Tensor":
+        """The fixed reference memory ``(K, C)`` built from ``prompts`` (see the class docstring)."""
+        if self.key_slots:
+            return key_slot_reference(model, prompts, K)
+        return reference_memory(model, prompts, K)
+
+    def describe(self, model: "Larimar") -> dict[str, Any]:
+        """The options as they enter a run's configuration (so a changed option refuses to resume)."""
+        out: dict[str, Any] = {"addressing": self.addressing, "ridge": self.ridge_for(model)}
+        if self.key_slots:
+            out["gaussian_alpha"] = float(self.gaussian_alpha)
+        return out
+
+
+def add_memory_arguments(p: argparse.ArgumentParser) -> None:
+    """``--addressing``, ``--gaussian-alpha``, ``--ridge`` (see :class:`MemoryOptions`)."""
+    p.add_argument("--addressing", choices=("reference", "gaussian"), default="reference",
+                   help="reference: pseudo-inverse addressing, the paper's (default); gaussian: key slots, "
+                        "reference rows = the prompts' encodings, Gaussian addressing (Eq. 7-8)")
+    p.add_argument("--gaussian-alpha", type=float, default=0.1, help="bandwidth of Gaussian addressing (default 0.1)")
+    p.add_argument("--ridge", type=float, default=None,
+                   help="ridge lambda of the writes (default: 0.01 with --addressing gaussian, else the model's)")
+
+
+def memory_options(args: argparse.Namespace) -> MemoryOptions:
+    return MemoryOptions(addressing=args.addressing, gaussian_alpha=args.gaussian_alpha, ridge=args.ridge)
+
+
 def fresh_memory(
     model: "Larimar",
     M_ref: "torch.Tensor | None" = None,
     *,
     addressing: str | None = None,
     gaussian_alpha: float | None = None,
+    ridge: float | None = None,
+    zero_prior: bool = False,
 ) -> None:
-    """Give ``model`` an empty memory with reference ``M_ref (K, C)`` (default: the model's M0) and
-    addressing mode ``addressing`` (default: the config's); the prior follows
-    ``config.memory_prior`` as in :meth:`Larimar.empty_memory`. The scope detector's keys are cleared.
+    """Give ``model`` an empty memory with reference ``M_ref (K, C)`` (default: the model's M0),
+    addressing mode ``addressing`` (default: the config's) and ridge ``ridge`` (default: the
+    config's); the prior follows ``config.memory_prior`` as in :meth:`Larimar.empty_memory`, or is
+    zero with ``zero_prior`` (key slots, whose reference rows are encodings, not a prior memory). The
+    scope detector's keys are cleared.
     """
     from larimar.editing.store import FactMemory
     from larimar.memory import MemoryState
@@ -230,8 +322,8 @@ def fresh_memory(
     ref = (model.M0.detach() if M_ref is None else M_ref).to(model.memory_dtype)
     state = MemoryState.init(
         ref,
-        lam=cfg.ridge,
-        M_prior=None if cfg.memory_prior == "zero" else ref,
+        lam=cfg.ridge if ridge is None else float(ridge),
+        M_prior=None if zero_prior or cfg.memory_prior == "zero" else ref,
         addressing=addressing or cfg.addressing,
         gaussian_alpha=cfg.gaussian_alpha if gaussian_alpha is None else float(gaussian_alpha),
     )
@@ -347,6 +439,7 @@ class LarimarStream:
         M_ref: fixed reference memory ``(K, C)`` (default: the model's M0).
         addressing: addressing mode of the memory (default: the model config's).
         gaussian_alpha: bandwidth of Gaussian addressing (default: the config's).
+        ridge: ridge λ of the writes (default: the config's); Gaussian addressing gets a zero prior.
         batch_size: prompts per generation batch when answering.
     """
 
@@ -359,6 +452,7 @@ class LarimarStream:
         prompts: Sequence[str] | None = None,
         addressing: str | None = None,
         gaussian_alpha: float | None = None,
+        ridge: float | None = None,
         batch_size: int = 16,
         name: str = "larimar",
     ) -> None:
@@ -370,11 +464,15 @@ class LarimarStream:
         self.M_ref = M_ref
         self.addressing = addressing
         self.gaussian_alpha = gaussian_alpha
+        self.ridge = ridge
         self.batch_size = int(batch_size)
         self.name = name
 
     def reset(self) -> None:
-        fresh_memory(self.model, self.M_ref, addressing=self.addressing, gaussian_alpha=self.gaussian_alpha)
+        fresh_memory(
+            self.model, self.M_ref, addressing=self.addressing, gaussian_alpha=self.gaussian_alpha,
+            ridge=self.ridge, zero_prior=self.addressing == "gaussian",
+        )
 
     def write(self, index: int) -> None:
         if self.prompts is None:
@@ -694,6 +792,7 @@ def run_sequential(
     config: Mapping[str, Any],
     reference_prompts: Sequence[str] | None = None,
     memory_size: int = 1000,
+    memory: MemoryOptions | None = None,
     eval_every: int = 100,
     eval_max: int | None = None,
     max_new_tokens: int | None = None,
@@ -713,6 +812,8 @@ def run_sequential(
         reference_prompts: prompts whose encodings form the reference memory (first ``K``); default
             the prompts of ``cases``.
         memory_size: ``K``; reduced to the number of reference prompts when there are fewer.
+        memory: addressing, bandwidth and ridge of Larimar's memory (default: :class:`MemoryOptions()`,
+            the paper's pseudo-inverse addressing).
         max_new_tokens: tokens generated per answer; ``None``: the target's token count per fact.
         methods: subset of ``("larimar", "grace")``.
         grace_hparams: GRACE hyper-parameters (default: ``configs/baselines/grace.yaml`` if found).
@@ -750,9 +851,11 @@ def run_sequential(
         if K < memory_size:
             log.warning("only %d reference prompts: using K = %d instead of %d", len(ref_prompts), K, memory_size)
         seed_everything(seed)
-        M_ref = reference_memory(model, ref_prompts[:K], K)
+        memory = memory or MemoryOptions()
+        M_ref = memory.reference(model, ref_prompts[:K], K)
         stream = LarimarStream(
-            model, [fact_sentence(c) for c in cases], M_ref, prompts=[c.prompt for c in cases], addressing="reference",
+            model, [fact_sentence(c) for c in cases], M_ref, prompts=[c.prompt for c in cases],
+            addressing=memory.addressing, gaussian_alpha=memory.gaussian_alpha, ridge=memory.ridge_for(model),
             batch_size=batch_size,
         )
         result = run_stream(stream, n, marks, evaluate, out / "larimar", progress=progress, desc="larimar sequential")
@@ -829,6 +932,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--extra-data", default="zsre-train", help="ZsRE file used to top up to --n facts (default zsre-train)")
     p.add_argument("--memory-size", type=int, default=1000, help="K, slots of the memory (default 1000)")
+    add_memory_arguments(p)
     p.add_argument("--eval-every", type=int, default=100, help="checkpoint interval in writes (default 100)")
     p.add_argument("--eval-max", type=int, default=None, help="evaluate at most this many written facts per checkpoint")
     p.add_argument("--max-new-tokens", type=int, default=None,
@@ -851,12 +955,16 @@ def run(args: argparse.Namespace) -> int:
     grace_hp = resolve_hparams("grace", args.grace_hparams, args.grace_set) if "grace" in args.methods else None
     cases = load_sequential_cases(data, extra, args.n)
     pool = load_sequential_cases(data, extra, max(args.n, args.memory_size))
+    memory = memory_options(args)
+    seed_everything(args.seed)
+    model = load_model(args.model)
     config = {
         "task": "sequential",
         "data": str(data),
         "extra_data": str(extra) if extra else None,
         "n": len(cases),
         "memory_size": args.memory_size,
+        **memory.describe(model),
         "eval_every": args.eval_every,
         "eval_max": args.eval_max,
         "max_new_tokens": args.max_new_tokens,
@@ -867,10 +975,9 @@ def run(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
     }
     seed_everything(args.seed)
-    model = load_model(args.model)
     summary = run_sequential(
         model, cases, args.out, config=config, reference_prompts=[c.prompt for c in pool],
-        memory_size=args.memory_size, eval_every=args.eval_every, eval_max=args.eval_max,
+        memory_size=args.memory_size, memory=memory, eval_every=args.eval_every, eval_max=args.eval_max,
         max_new_tokens=args.max_new_tokens, methods=args.methods, grace_hparams=grace_hp,
         batch_size=args.batch_size, seed=args.seed, force=args.force, progress=not args.no_progress,
         plot=not args.no_plot,

@@ -19,6 +19,7 @@ from .addressing import (
     address_current,
     address_reference,
     gaussian_weights,
+    key_slot_reference,
     random_reference,
     reference_from_encodings,
     reference_from_tensor,
@@ -54,6 +55,7 @@ __all__ = [
     "random_reference",
     "reference_from_encodings",
     "reference_from_tensor",
+    "key_slot_reference",
     # sequential
     "MemoryState",
     "closed_form_memory",

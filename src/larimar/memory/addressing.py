@@ -51,6 +51,7 @@ __all__ = [
     "random_reference",
     "reference_from_encodings",
     "reference_from_tensor",
+    "key_slot_reference",
 ]
 
 ADDRESSING_MODES: tuple[str, ...] = ("current", "reference", "gaussian")
@@ -215,3 +216,36 @@ def reference_from_tensor(M0: torch.Tensor) -> torch.Tensor:
     check_tensor(M0, "M0")
     check_finite(M0, "M0")
     return M0.detach().clone()
+
+
+def key_slot_reference(keys: torch.Tensor, K: int, *, far: float = 1e3) -> torch.Tensor:
+    """Reference memory ``(K, C)`` of *key slots* for Gaussian addressing: row ``i`` is key ``i``
+    (the first ``K`` rows of ``keys (N, C)``), so a query equal to key ``i`` addresses slot ``i``
+    alone and up to ``K`` keys each get a slot of their own, whatever ``C`` is (pseudo-inverse
+    addressing separates at most ``C`` keys).
+
+    With fewer keys than ``K`` the remaining rows are *sentinels*: the keys' centroid plus ``far``
+    times their largest distance from it (at least 1), along distinct coordinate axes (cycled when
+    ``K - N > C``, each repeat one radius further out). A query near the keys has a nearest-key
+    distance ``σ`` far below the sentinels' distance, so its Gaussian weight on them underflows to 0.
+    Unbatched only. Returns a new tensor.
+    """
+    check_tensor(keys, "keys", ndims=(2,))
+    check_int(K, "K", minimum=1)
+    check_finite(keys, "keys")
+    far = check_positive(far, "far")
+    N, C = keys.shape
+    if N == 0:
+        raise MemoryInputError("key_slot_reference needs at least one key")
+    rows = keys[:K].clone()
+    missing = K - rows.shape[0]
+    if missing <= 0:
+        return rows
+    centre = rows.mean(0)  # (C,)
+    radius = far * max(float((rows - centre).norm(dim=-1).max()), 1.0)
+    j = torch.arange(missing, device=keys.device)
+    axes = torch.zeros(missing, C, dtype=keys.dtype, device=keys.device)
+    axes[j, j % C] = 1.0
+    shells = (1 + j // C).to(keys.dtype).unsqueeze(-1)  # (missing, 1): 1, 1, ..., 2, 2, ...
+    sentinels = centre + radius * shells * axes  # (missing, C)
+    return torch.cat([rows, sentinels])

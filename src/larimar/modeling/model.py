@@ -248,6 +248,33 @@ class Larimar(nn.Module):
     def reset_memory(self) -> None:
         self.facts = self.empty_memory()
 
+    @torch.no_grad()
+    def key_slot_memory(
+        self, prompts: list[str], *, gaussian_alpha: float = 0.1, ridge: float = 0.01, batch_size: int = 128
+    ) -> FactMemory:
+        """An empty memory of *key slots* for facts that will be written keyed by `prompts`.
+
+        The K reference rows are the latents of the first K prompts (the rest are far sentinel rows,
+        see :func:`larimar.memory.key_slot_reference`) and addressing is Gaussian (paper Eq. 7–8) with
+        bandwidth `gaussian_alpha`: a fact written under one of these prompts lands in its own slot and
+        is read back whole when asked with the same prompt, for up to K facts. Pseudo-inverse
+        addressing (the default memory) separates at most C keys; past that, facts overlap. Queries
+        near a key (paraphrases) read a mix of the nearest slots. The weights are near one-hot, so a
+        write stores ``z / (1 + ridge)``: the ridge is small by default. The prior is zero.
+
+        Use: ``model.facts = model.key_slot_memory(prompts); model.write_facts(texts, prompts)``.
+        Forgetting stays exact (fixed addressing).
+        """
+        from larimar.memory import key_slot_reference
+
+        prompts = check_texts(prompts, "key_slot_memory")
+        K = self.config.memory_size
+        keys = self.encoder(prompts[:K], batch_size=batch_size).detach().to(self.memory_dtype)  # (min(N, K), C)
+        state = MemoryState.init(
+            key_slot_reference(keys, K), lam=ridge, addressing="gaussian", gaussian_alpha=gaussian_alpha
+        )
+        return FactMemory(state)
+
     def __len__(self) -> int:
         return len(self.facts)
 
