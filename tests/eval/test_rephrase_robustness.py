@@ -88,13 +88,27 @@ def test_rephrase_both_addressing_modes_run(model, tmp_path, monkeypatch):
     seen = []
     orig = rp.LarimarStream.write
 
+    states = {}
+
     def spy(self, index):
         seen.append(self.model.facts.state.addressing)
+        states[self.model.facts.state.addressing] = self.model.facts.state
         return orig(self, index)
 
     monkeypatch.setattr(rp.LarimarStream, "write", spy)
     rp.run_rephrase(model, facts[:2], tmp_path / "again", **kw)
     assert seen == ["reference"] * 4 + ["gaussian"] * 4
+    # pseudo-inverse: rows rescaled to M0's norm, the config's ridge; Gaussian: the raw encodings
+    # (sentinels past the two facts), ridge 0.01, alpha 0.1
+    from larimar.eval.sequential import encode_latents, reference_memory
+
+    first = [f.written[0] for f in facts[:2]]
+    raw = encode_latents(model, first)
+    ref, gauss = states["reference"], states["gaussian"]
+    torch.testing.assert_close(ref.M_ref.float(), reference_memory(model, first, 2).float())
+    assert ref.lam == model.config.ridge
+    torch.testing.assert_close(gauss.M_ref[:2].float(), raw.float(), rtol=1e-5, atol=1e-6)
+    assert gauss.lam == pytest.approx(0.01) and gauss.gaussian_alpha == pytest.approx(0.1)
 
 
 # ---------------------------------------------------------------- robustness

@@ -17,9 +17,12 @@ Protocol (``larimar eval rephrase``)
 * Memory: ``K = --memory-size`` slots (default 1000) with a fixed reference made of the encodings of
   the first written phrasing of the first ``K`` facts of the pool (the pool continues past the ``n``
   written facts when ``n < K``), so that with Gaussian addressing the slots are actual fact encodings.
-  The same reference is used by both addressing modes: ``"reference"`` (pseudo-inverse,
-  ``W = z M_ref^†``) and ``"gaussian"`` (paper Eq. 7-8, bandwidth ``--gaussian-alpha``). Queries always
-  read memory.
+  Both addressing modes use these texts (:class:`larimar.eval.sequential.MemoryOptions`):
+  ``"reference"`` (pseudo-inverse, ``W = z M_ref^†``, rows rescaled to the trained M0's norm, ridge =
+  the config's) and ``"gaussian"`` (paper Eq. 7-8, bandwidth ``--gaussian-alpha``, default 0.1, against
+  the *raw* encodings, ridge 0.01 unless ``--ridge``). Gaussian distances are only meaningful against
+  raw encodings: against rescaled rows every query is about equally far from every slot and the
+  weights are nearly uniform (the setting of the session-6 run). Queries always read memory.
 * Checkpoints every ``--eval-every`` writes (rounded to whole facts) and after the last: for the facts
   fully written so far (a seeded sample of at most ``--eval-max`` facts), every unseen query prompt is
   answered greedily with as many tokens as the object has (``--max-new-tokens`` fixes a number);
@@ -50,13 +53,13 @@ from typing import TYPE_CHECKING, Any
 
 from larimar.eval.sequential import (
     LarimarStream,
+    MemoryOptions,
     StreamSystem,
     add_common_arguments,
     answer_by_length,
     first_answer,
     markdown_table,
     plot_curves,
-    reference_memory,
     run_stream,
     stream_checkpoints,
     target_token_counts,
@@ -193,6 +196,7 @@ def run_rephrase(
     eval_max: int | None = 100,
     max_new_tokens: int | None = None,
     gaussian_alpha: float | None = None,
+    ridge: float | None = None,
     batch_size: int = 16,
     seed: int = 0,
     force: bool = False,
@@ -202,7 +206,9 @@ def run_rephrase(
     """Write the phrasings of ``facts`` one at a time under each addressing mode; return the summary.
 
     ``reference_texts`` (default: the first written phrasing of every fact) are encoded and their
-    first ``K`` rows form the reference memory shared by the modes.
+    first ``K`` rows form the reference memory of each mode (rescaled for pseudo-inverse addressing,
+    raw for Gaussian addressing; see :class:`larimar.eval.sequential.MemoryOptions`, which also gives
+    the defaults of ``gaussian_alpha`` (0.1) and ``ridge``).
     """
     from larimar.eval.runner import atomic_write_json, atomic_write_text, prepare_out_dir, seed_everything
 
@@ -230,7 +236,6 @@ def run_rephrase(
     K = min(int(memory_size), len(ref_texts))
     if K < memory_size:
         log.warning("only %d reference texts: using K = %d instead of %d", len(ref_texts), K, memory_size)
-    M_ref = reference_memory(model, ref_texts[:K], K)
     if max_new_tokens is None:
         lengths = target_token_counts(model.tokenizer, [f.object for f in facts])
     else:
@@ -246,8 +251,11 @@ def run_rephrase(
     }
     for mode in modes:
         seed_everything(seed)
+        memory = MemoryOptions(addressing=mode, ridge=ridge, **({} if gaussian_alpha is None else {"gaussian_alpha": gaussian_alpha}))
         stream = LarimarStream(
-            model, texts, M_ref, addressing=mode, gaussian_alpha=gaussian_alpha, batch_size=batch_size, name=f"larimar-{mode}"
+            model, texts, memory.reference(model, ref_texts[:K], K), addressing=mode,
+            gaussian_alpha=memory.gaussian_alpha, ridge=memory.ridge_for(model), batch_size=batch_size,
+            name=f"larimar-{mode}",
         )
         result = run_stream(stream, n_writes, marks, evaluate, out / mode, progress=progress, desc=f"rephrase {mode}")
         pts = result["points"]
@@ -289,7 +297,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queries-per-fact", type=int, default=2, help="unseen phrasings queried per fact (default 2)")
     p.add_argument("--memory-size", type=int, default=1000, help="K (default 1000)")
     p.add_argument("--modes", default="reference,gaussian", help="addressing modes (default reference,gaussian)")
-    p.add_argument("--gaussian-alpha", type=float, default=None, help="Gaussian addressing bandwidth (default: model config)")
+    p.add_argument("--gaussian-alpha", type=float, default=None, help="Gaussian addressing bandwidth (default 0.1)")
+    p.add_argument("--ridge", type=float, default=None,
+                   help="ridge lambda of the writes (default: 0.01 for gaussian, the model's for reference)")
     p.add_argument("--eval-every", type=int, default=250, help="checkpoint interval in writes (default 250)")
     p.add_argument("--eval-max", type=int, default=100, help="facts evaluated per checkpoint, sampled (default 100)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="greedy tokens per answer (default: the object's token count)")
@@ -326,6 +336,8 @@ def run(args: argparse.Namespace) -> int:
         "memory_size": args.memory_size,
         "modes": modes,
         "gaussian_alpha": args.gaussian_alpha,
+        "ridge": args.ridge,
+        "gaussian_reference": "raw",
         "eval_every": args.eval_every,
         "eval_max": args.eval_max,
         "max_new_tokens": args.max_new_tokens,
@@ -338,7 +350,8 @@ def run(args: argparse.Namespace) -> int:
     run_rephrase(
         model, facts, args.out, config=config, reference_texts=[f.written[0] for f in pool], modes=modes,
         memory_size=args.memory_size, eval_every=args.eval_every, eval_max=args.eval_max,
-        max_new_tokens=args.max_new_tokens, gaussian_alpha=args.gaussian_alpha, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, gaussian_alpha=args.gaussian_alpha, ridge=args.ridge,
+        batch_size=args.batch_size,
         seed=args.seed, force=args.force, progress=not args.no_progress, plot=not args.no_plot,
     )
     print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
