@@ -196,7 +196,10 @@ def test_key_slots_set_up_by_the_first_write_into_an_empty_memory():
     torch.testing.assert_close(model.read([REQ.prompt, REQ2.prompt]).to(state.M.dtype), objects / 1.01, atol=1e-4, rtol=1e-4)
     ref_before = state.M_ref.clone()
     editor.edit(EditRequest("Apple was founded by", "Apple", "Bill Gates", "Steve Jobs"))
-    assert torch.equal(model.facts.state.M_ref, ref_before)  # later writes keep the slots
+    # a later write keeps the slots and gives its new prompt the next free one
+    ref_after = model.facts.state.M_ref
+    assert torch.equal(ref_after[:2], ref_before[:2]) and torch.equal(ref_after[3:], ref_before[3:])
+    torch.testing.assert_close(ref_after[2], model.encoder(["Apple was founded by"])[0].to(ref_after.dtype), atol=1e-5, rtol=1e-5)
     editor.reset()
     assert model.facts.state.addressing == "reference"
     with pytest.raises(ValueError, match="needs keyed writes"):

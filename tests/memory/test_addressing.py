@@ -180,7 +180,7 @@ def test_key_slot_reference_rows_and_far_sentinels():
     assert torch.cdist(many, many).add(torch.eye(8, dtype=many.dtype)).min() > 0
 
 
-@pytest.mark.parametrize("bad", [torch.zeros(0, 3), torch.zeros(2, 2, 3), torch.tensor([[float("nan"), 0.0]])])
+@pytest.mark.parametrize("bad", [torch.zeros(2, 2, 3), torch.tensor([[float("nan"), 0.0]])])
 def test_key_slot_reference_rejects_bad_keys(bad):
     from larimar.memory import MemoryInputError, key_slot_reference
 
@@ -203,3 +203,12 @@ def test_key_slots_store_more_keys_than_dimensions_exactly():
     pinv = MemoryState.init(random_reference(24, 6, generator=g, dtype=torch.float64), lam=lam)
     pinv = pinv.write(values, pinv.address(keys))
     assert float((pinv.read(keys) - values).norm() / values.norm()) > 0.3
+
+
+def test_key_slot_reference_without_keys_is_all_sentinels():
+    from larimar.memory import key_slot_reference
+
+    ref = key_slot_reference(torch.zeros(0, 3, dtype=torch.float64), 5, scale=2.0)
+    assert ref.shape == (5, 3)
+    torch.testing.assert_close(ref.norm(dim=-1), torch.tensor([2e3, 2e3, 2e3, 4e3, 4e3], dtype=torch.float64))
+    assert torch.cdist(ref, ref).add(torch.eye(5, dtype=ref.dtype)).min() > 0

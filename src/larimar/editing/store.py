@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from larimar.memory import MemoryState
+from larimar.memory import MemoryState, allocate_key_slots
 
 FORMAT = "larimar-fact-memory"
 FORMAT_VERSION = 1
@@ -43,10 +43,14 @@ class FactMemory:
     Z: torch.Tensor | None = None  # (N, C) latents written, in state dtype
     E: torch.Tensor | None = None  # (N, H) sentence embeddings for the scope detector
     keys: torch.Tensor | None = None  # (N, C) latents the write addresses came from (rows equal Z unless keyed)
+    allocate_slots: bool = False  # key slots: each new key of a keyed write claims a free slot first
+    slot_assigned: torch.Tensor | None = None  # (K,) bool, with allocate_slots: rows that are keys (not sentinels)
 
     def __post_init__(self) -> None:
         if self.keys is None and self.Z is not None:  # built without keys: every fact addressed itself
             self.keys = self.Z
+        if self.allocate_slots and self.slot_assigned is None:
+            self.slot_assigned = torch.zeros(self.state.K, dtype=torch.bool)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -55,7 +59,9 @@ class FactMemory:
         """Write N facts (Z: (N, C), E: (N, H)) as one episode; returns the new FactMemory.
 
         `keys` (N, C): a keyed write, W = address(keys) instead of address(Z): each fact is stored
-        under its key's address (e.g. the latent of the prompt that should recall it).
+        under its key's address (e.g. the latent of the prompt that should recall it). With
+        `allocate_slots` (key slots, Gaussian addressing) each new key first claims an unused slot
+        (:func:`larimar.memory.allocate_key_slots`).
         """
         if Z.shape[0] != len(texts) or E.shape[0] != len(texts):
             raise ValueError(f"write: {len(texts)} texts but Z has {Z.shape[0]} rows and E {E.shape[0]}")
@@ -63,7 +69,13 @@ class FactMemory:
             raise ValueError(f"write: keys must have the shape of Z {tuple(Z.shape)}, got {tuple(keys.shape)}")
         Z = Z.detach().to(self.state.dtype)
         K = Z if keys is None else keys.detach().to(self.state.dtype)
-        new_state = self.state.write(Z, None if keys is None else self.state.address(K))
+        state, assigned = self.state, self.slot_assigned
+        if self.allocate_slots and keys is not None:
+            state, slots = allocate_key_slots(state, K, self.keys, free=~assigned)
+            if slots.numel():
+                assigned = assigned.clone()
+                assigned[slots] = True
+        new_state = state.write(Z, None if keys is None else state.address(K))
         E = E.detach().float()
         return FactMemory(
             new_state,
@@ -71,6 +83,8 @@ class FactMemory:
             Z if self.Z is None else torch.cat([self.Z, Z]),
             E if self.E is None else torch.cat([self.E, E]),
             K if self.keys is None else torch.cat([self.keys, K]),
+            self.allocate_slots,
+            assigned,
         )
 
     def find(self, texts: list[str]) -> list[int]:
@@ -100,6 +114,8 @@ class FactMemory:
             self.Z[keep] if keep else None,
             self.E[keep] if keep else None,
             self.keys[keep] if keep else None,
+            self.allocate_slots,
+            self.slot_assigned,
         )
 
     # ------------------------------------------------------------------ persistence
@@ -118,6 +134,9 @@ class FactMemory:
                 if not torch.equal(self.keys, self.Z):
                     tensors["keys"] = self.keys.contiguous().cpu()
             meta = {"format": FORMAT, "version": str(FORMAT_VERSION), "texts": json.dumps(self.texts)}
+            if self.allocate_slots:
+                meta["allocate_slots"] = "true"
+                tensors["slot_assigned"] = self.slot_assigned.to(torch.uint8).contiguous().cpu()
             save_file(tensors, str(tmp / "facts.safetensors"), metadata=meta)
             backup = None
             if target.exists():
@@ -168,4 +187,14 @@ class FactMemory:
         keys = tensors.get("keys", Z)  # files without keys (or with only auto-associative writes): keys are Z
         if keys is not None and (Z is None or keys.shape != Z.shape):
             raise MemoryFileError(f"{d}: stored keys do not match the stored latents")
-        return cls(state, texts, Z, E, keys)
+        allocate = meta.get("allocate_slots", "false")
+        if allocate not in ("true", "false"):
+            raise MemoryFileError(f"{d / 'facts.safetensors'}: allocate_slots must be true or false, got {allocate!r}")
+        if allocate == "true" and state.addressing != "gaussian":
+            raise MemoryFileError(f"{d}: key slots need 'gaussian' addressing, the memory uses {state.addressing!r}")
+        assigned = tensors.get("slot_assigned")
+        if allocate == "true":
+            if assigned is None or tuple(assigned.shape) != (K,):
+                raise MemoryFileError(f"{d}: key slots need a slot_assigned mask of K={K} entries")
+            assigned = assigned.bool()
+        return cls(state, texts, Z, E, keys, allocate == "true", assigned if allocate == "true" else None)

@@ -90,9 +90,8 @@ class LarimarEditor:
         write_batch_size: texts per encoder forward pass when writing.
         key_slots: the first write into an empty memory sets up *key slots*
             (:meth:`Larimar.key_slot_memory`): Gaussian addressing against the latents of that
-            write's prompts, so each of up to K facts of the batch has a slot of its own. Later
-            writes until the next reset address the same slots (their keys land in the nearest one).
-            Needs keyed writes.
+            write's prompts, so each of up to K facts has a slot of its own. Later writes give new
+            prompts the remaining free slots, then the nearest ones. Needs keyed writes.
         key_slot_alpha: bandwidth of the key slots' Gaussian addressing.
         key_slot_ridge: ridge λ of writes into key slots.
     """

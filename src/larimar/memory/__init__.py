@@ -10,6 +10,8 @@ memory, ``W (N, K)`` addressing weights. Every function also accepts a leading b
   reference-memory constructors.
 * :mod:`~larimar.memory.sequential` — :class:`MemoryState` with exact sequential write/forget
   (Eq. 2–4) and :func:`closed_form_memory`.
+* :mod:`~larimar.memory.slots` — key slots allocated as keys arrive (Gaussian addressing whose
+  reference rows are the keys): :func:`allocate_key_slots`.
 * :mod:`~larimar.memory.io` — atomic safetensors persistence.
 """
 
@@ -36,6 +38,7 @@ from .functional import generate, read, write
 from .io import load_state, save_state
 from .pinv import PINV_METHODS, pinv, pinv_of_product
 from .sequential import MemoryState, closed_form_memory, sequential_forget, sequential_write
+from .slots import allocate_key_slots, unused_slots, with_reference_rows
 
 __all__ = [
     # Algorithm 1
@@ -56,6 +59,9 @@ __all__ = [
     "reference_from_encodings",
     "reference_from_tensor",
     "key_slot_reference",
+    "allocate_key_slots",
+    "unused_slots",
+    "with_reference_rows",
     # sequential
     "MemoryState",
     "closed_form_memory",

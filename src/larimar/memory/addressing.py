@@ -218,31 +218,37 @@ def reference_from_tensor(M0: torch.Tensor) -> torch.Tensor:
     return M0.detach().clone()
 
 
-def key_slot_reference(keys: torch.Tensor, K: int, *, far: float = 1e3) -> torch.Tensor:
+def key_slot_reference(keys: torch.Tensor, K: int, *, far: float = 1e3, scale: float = 1.0) -> torch.Tensor:
     """Reference memory ``(K, C)`` of *key slots* for Gaussian addressing: row ``i`` is key ``i``
     (the first ``K`` rows of ``keys (N, C)``), so a query equal to key ``i`` addresses slot ``i``
     alone and up to ``K`` keys each get a slot of their own, whatever ``C`` is (pseudo-inverse
     addressing separates at most ``C`` keys).
 
     With fewer keys than ``K`` the remaining rows are *sentinels*: the keys' centroid plus ``far``
-    times their largest distance from it (at least 1), along distinct coordinate axes (cycled when
-    ``K - N > C``, each repeat one radius further out). A query near the keys has a nearest-key
+    times their largest distance from it (at least ``scale``), along distinct coordinate axes (cycled
+    when ``K - N > C``, each repeat one radius further out). A query near the keys has a nearest-key
     distance ``σ`` far below the sentinels' distance, so its Gaussian weight on them underflows to 0.
-    Unbatched only. Returns a new tensor.
+    With no keys at all (``keys (0, C)``) every row is a sentinel around the origin at radius
+    ``far · scale`` (pass the typical norm of a key as ``scale``); :func:`larimar.memory.allocate_key_slots`
+    then turns sentinels into slots as keys arrive. Unbatched only. Returns a new tensor.
     """
-    check_tensor(keys, "keys", ndims=(2,))
+    if isinstance(keys, torch.Tensor) and keys.ndim == 2 and keys.shape[0] == 0 and keys.shape[1] > 0:
+        if keys.dtype not in SUPPORTED_DTYPES:
+            raise MemoryDtypeError(f"keys must be float32 or float64, got {keys.dtype}")
+    else:
+        check_tensor(keys, "keys", ndims=(2,))
+        check_finite(keys, "keys")
     check_int(K, "K", minimum=1)
-    check_finite(keys, "keys")
     far = check_positive(far, "far")
+    scale = check_positive(scale, "scale")
     N, C = keys.shape
-    if N == 0:
-        raise MemoryInputError("key_slot_reference needs at least one key")
     rows = keys[:K].clone()
     missing = K - rows.shape[0]
     if missing <= 0:
         return rows
-    centre = rows.mean(0)  # (C,)
-    radius = far * max(float((rows - centre).norm(dim=-1).max()), 1.0)
+    centre = rows.mean(0) if N > 0 else torch.zeros(C, dtype=keys.dtype, device=keys.device)  # (C,)
+    spread = float((rows - centre).norm(dim=-1).max()) if N > 0 else 0.0
+    radius = far * max(spread, scale)
     j = torch.arange(missing, device=keys.device)
     axes = torch.zeros(missing, C, dtype=keys.dtype, device=keys.device)
     axes[j, j % C] = 1.0

@@ -383,7 +383,9 @@ class MemoryState:
         cov_base: covariance base ``(…, K, K)``; :attr:`cov` is ``Cov = A^{-1}`` (the row
             covariance shared by the C code columns).
         M_ref: fixed reference memory used by ``"reference"``/``"gaussian"`` addressing ``(…, K, C)``.
-        M_ref_pinv: cached ``M_ref^†`` ``(…, C, K)``.
+        M_ref_pinv: cached ``M_ref^†`` ``(…, C, K)``, used by ``"reference"`` addressing only
+            (zeros once :func:`larimar.memory.with_reference_rows` has moved rows of a
+            ``"gaussian"`` state).
         M_prior: prior mean ``(…, K, C)``.
         lam: ridge strength ``λ > 0`` (prior covariance ``C_0 = λ^{-1} I``, precision ``λ I``).
         addressing: ``"reference"``, ``"current"`` or ``"gaussian"``.

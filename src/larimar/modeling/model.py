@@ -250,30 +250,44 @@ class Larimar(nn.Module):
 
     @torch.no_grad()
     def key_slot_memory(
-        self, prompts: list[str], *, gaussian_alpha: float = 0.1, ridge: float = 0.01, batch_size: int = 128
+        self,
+        prompts: list[str] | None = None,
+        *,
+        gaussian_alpha: float = 0.1,
+        ridge: float = 0.01,
+        batch_size: int = 128,
     ) -> FactMemory:
-        """An empty memory of *key slots* for facts that will be written keyed by `prompts`.
+        """An empty memory of *key slots*: each fact written keyed by a prompt gets a slot of its own.
 
-        The K reference rows are the latents of the first K prompts (the rest are far sentinel rows,
-        see :func:`larimar.memory.key_slot_reference`) and addressing is Gaussian (paper Eq. 7–8) with
-        bandwidth `gaussian_alpha`: a fact written under one of these prompts lands in its own slot and
-        is read back whole when asked with the same prompt, for up to K facts. Pseudo-inverse
-        addressing (the default memory) separates at most C keys; past that, facts overlap. Queries
-        near a key (paraphrases) read a mix of the nearest slots. The weights are near one-hot, so a
-        write stores ``z / (1 + ridge)``: the ridge is small by default. The prior is zero.
+        Addressing is Gaussian (paper Eq. 7–8, bandwidth `gaussian_alpha`) against reference rows
+        that are the keys' latents, so a fact is read back whole when asked with its own prompt, for
+        up to K facts. Pseudo-inverse addressing (the default memory) separates at most C keys; past
+        that, facts overlap. Queries near a key (paraphrases) read a mix of the nearest slots.
+        - `prompts` (optional): keys known in advance take the first slots now.
+        - Every later keyed write gives each new key an unused slot first
+          (:func:`larimar.memory.allocate_key_slots`). Once the K slots are taken, new keys land
+          between the nearest slots.
+        - The weights are near one-hot, so a write stores ``z / (1 + ridge)``: the ridge is small by
+          default. The prior is zero. Forgetting stays exact; a forgotten fact's slot serves its prompt again.
 
-        Use: ``model.facts = model.key_slot_memory(prompts); model.write_facts(texts, prompts)``.
-        Forgetting stays exact (fixed addressing).
+        Use: ``model.facts = model.key_slot_memory(); model.write_facts(texts, prompts)``.
         """
         from larimar.memory import key_slot_reference
 
-        prompts = check_texts(prompts, "key_slot_memory")
         K = self.config.memory_size
-        keys = self.encoder(prompts[:K], batch_size=batch_size).detach().to(self.memory_dtype)  # (min(N, K), C)
+        if prompts:
+            prompts = check_texts(prompts, "key_slot_memory")
+            keys = self.encoder(prompts[:K], batch_size=batch_size).detach().to(self.memory_dtype)  # (min(N, K), C)
+        else:
+            keys = torch.zeros(0, self.config.latent_size, dtype=self.memory_dtype, device=self.M0.device)
+        # sentinel radius: far beyond any latent (the encoder's latents have norm about sqrt(C) or less)
+        scale = math.sqrt(self.config.latent_size) * 10.0
         state = MemoryState.init(
-            key_slot_reference(keys, K), lam=ridge, addressing="gaussian", gaussian_alpha=gaussian_alpha
+            key_slot_reference(keys, K, scale=scale), lam=ridge, addressing="gaussian", gaussian_alpha=gaussian_alpha
         )
-        return FactMemory(state)
+        assigned = torch.zeros(K, dtype=torch.bool)
+        assigned[: keys.shape[0]] = True  # rows reserved for the known prompts
+        return FactMemory(state, allocate_slots=True, slot_assigned=assigned)
 
     def __len__(self) -> int:
         return len(self.facts)
