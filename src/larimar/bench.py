@@ -26,6 +26,10 @@ facts already written), median over --repeats after one warm-up call, and what "
                  with A - wᵀw.
   read           one query, W = z·M_ref^† with the cached pseudo-inverse, z_r = W·M;  naive:
                  torch.linalg.pinv(M_ref) recomputed for the query.
+  write_slot     one fact written into key slots (Gaussian addressing, λ = 0.01, min(96, K-1) held):
+                 its new key claims a free slot (larimar.memory.allocate_key_slots checks the
+                 slot is unused and that no held key's address moves), then the rank-1 write;
+                 no naive measurement (null).
   write_seq_xN   N (--seq-writes, default 1000) sequential single-fact writes at --seq-size
                  (default K=1000, C=768); median_ms is the total; no naive measurement (null).
 Slow measurements get fewer samples: at most --budget seconds each after the first call (the
@@ -153,7 +157,7 @@ def run_memory_bench(
 
     import torch
 
-    from larimar.memory import MemoryState, random_reference
+    from larimar.memory import MemoryState, allocate_key_slots, key_slot_reference, random_reference
     from larimar.memory import write as oneshot_write
 
     if threads is None:
@@ -231,6 +235,29 @@ def run_memory_bench(
                         {"op": op, "K": K, "C": C, "N": N, "median_ms": round(fast_ms, 4), "naive_median_ms": round(naive_ms, 4)}
                     )
                     log(f"  {op:14s} {fast_ms:10.3f} ms   naive {naive_ms:10.3f} ms")
+
+                # key slots: one new key claims a free slot (allocate_key_slots: unused-slot check,
+                # held keys re-addressed) and its fact is written there
+                held = min(96, K - 1)  # facts already in memory; one slot stays free
+                first = min(64, held)
+                keys = torch.randn(held + 1, C, generator=gen, dtype=dtype)
+                values = torch.randn(held + 1, C, generator=gen, dtype=dtype)
+                slots = MemoryState.init(
+                    key_slot_reference(keys[:0], K, scale=10.0 * C**0.5), lam=0.01, addressing="gaussian", gaussian_alpha=0.1
+                )
+                slots, _ = allocate_key_slots(slots, keys[:first])
+                slots = slots.write(values[:first], slots.address(keys[:first]))
+                for i in range(first, held):
+                    slots, _ = allocate_key_slots(slots, keys[i : i + 1], keys[:i])
+                    slots = slots.write(values[i : i + 1], slots.address(keys[i : i + 1]))
+
+                def slot_write(st: MemoryState = slots) -> MemoryState:
+                    st, _ = allocate_key_slots(st, keys[held:], keys[:held])
+                    return st.write(values[held:], st.address(keys[held:]))
+
+                slot_ms = _time_ms(slot_write, repeats, budget_s=budget)
+                rows.append({"op": "write_slot", "K": K, "C": C, "N": 1, "median_ms": round(slot_ms, 4), "naive_median_ms": None})
+                log(f"  {'write_slot':14s} {slot_ms:10.3f} ms")
 
         if seq_writes > 0:
             K, C = seq_size
