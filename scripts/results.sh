@@ -17,6 +17,9 @@ run eval zsre        --method unedited --n 200 --out "$R/zsre_unedited"
 run eval sequential  --n 1000 --eval-max 200 --eval-every 500 --methods larimar --out "$R/sequential"
 run eval forget      --n 5 --no-icl --out "$R/forget_noicl"
 run eval forget      --n 5 --out "$R/forget"
+run eval sequential  --n 1000 --eval-max 200 --eval-every 500 --methods larimar --addressing gaussian --out "$R/sequential_keyslots"
+run eval forget      --n 5 --no-icl --addressing gaussian --out "$R/forget_keyslots"
+run eval forget      --n 5 --datasets counterfact --sizes 1,K --icl-retained-max 10 --addressing gaussian --out "$R/forget_icl"
 run eval counterfact --method larimar  --n 200 --out "$R/cf_larimar_factwrite200" --set value_writes=false
 run eval counterfact --method larimar  --n 200 --out "$R/cf_larimar_paperwrite200" --set keyed_writes=false
 run eval counterfact --method larimar  --n 500 --out "$R/cf_larimar_noscope" --set scope_detector=false
@@ -24,6 +27,7 @@ run eval robustness  --n 30 --out "$R/robustness"
 run eval longctx     --n 20 --out "$R/longctx"
 run eval batch       --memory-sizes 512 --sizes 1,16,64,256,512,1024,2048 --eval-n 50 --out "$R/batch_k512"
 run eval batch       --memory-sizes 512 --sizes 1,16,64,256,512,1024,2048 --eval-n 50 --out "$R/batch_k512_paperwrite" --set keyed_writes=false
+run eval batch       --memory-sizes 512 --sizes 16,256,512,1024,2048 --eval-n 50 --out "$R/batch_k512_keyslots" --set key_slots=true
 run eval batch       --memory-sizes 256 --sizes 1,16,64,256,512,1024 --eval-n 50 --out "$R/batch_k256"
 run eval batch       --memory-sizes 1024 --sizes 1,16,64,256,512,1024,2048 --eval-n 50 --out "$R/batch_k1024"
 run eval counterfact --method prompt   --n 100 --out "$R/cf_prompt"
