@@ -166,3 +166,19 @@ def test_run_robustness_contract_and_resume(model, tmp_path, monkeypatch):
     assert asked == [[1.0]] * 3
     assert [r["sigma_w"] for r in more["results"]] == [0.0, 0.5, 1.0, 5.0]
     assert more["results"][0] == summary["results"][0]
+
+
+def test_rephrase_unedited_mode_answers_without_memory(model, tmp_path):
+    rels = load_pararel(write_pararel(tmp_path / "pararel"))
+    facts = rp.select_pararel_facts(rels, 3, seed=0)
+    kw = dict(config={"task": "rephrase", "u": 1}, memory_size=6, eval_every=2, eval_max=3, max_new_tokens=3, progress=False)
+    summary = rp.run_rephrase(model, facts, tmp_path / "out", modes=("unedited",), **kw)
+    assert set(summary["modes"]) == {"unedited"}
+    prog = json.loads((tmp_path / "out" / "unedited" / "progress.json").read_text())
+    ex = prog["points"][-1]["examples"]
+    model.reset_memory()
+    plain = model.generate([e["prompt"] for e in ex], max_new_tokens=3, use_memory="never")
+    assert [e["generation"] for e in ex] == list(plain)
+    assert len(model) == 0  # nothing was written
+    with pytest.raises(ValueError, match="subset"):
+        rp.run_rephrase(model, facts, tmp_path / "bad", modes=("nothing",), **kw)

@@ -57,6 +57,7 @@ from larimar.eval.sequential import (
     StreamSystem,
     add_common_arguments,
     answer_by_length,
+    batched_generate,
     first_answer,
     markdown_table,
     plot_curves,
@@ -71,10 +72,40 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ADDRESSING", "RephraseFact", "add_arguments", "run", "run_rephrase", "select_pararel_facts"]
+__all__ = ["ADDRESSING", "MODES", "RephraseFact", "UneditedStream", "add_arguments", "run", "run_rephrase", "select_pararel_facts"]
 
 #: addressing modes compared: pseudo-inverse against the fixed reference, and Gaussian.
 ADDRESSING: tuple[str, ...] = ("reference", "gaussian")
+#: the modes ``--modes`` accepts: the two addressing modes, and the decoder without memory
+MODES: tuple[str, ...] = ADDRESSING + ("unedited",)
+
+
+class UneditedStream:
+    """The decoder alone, no memory (``use_memory="never"``), answering the same unseen phrasings:
+    what the model gets right from its own knowledge (T-REx facts are true facts)."""
+
+    name = "unedited"
+
+    def __init__(self, model: "Larimar", *, batch_size: int = 16) -> None:
+        self.model = model
+        self.batch_size = int(batch_size)
+
+    def reset(self) -> None:
+        self.model.reset_memory()
+
+    def write(self, index: int) -> None:  # nothing is written
+        return None
+
+    def answer(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        return batched_generate(self.model, prompts, max_new_tokens=max_new_tokens, use_memory="never", batch_size=self.batch_size)
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "UNEDITED").write_text("no memory: the decoder alone\n", encoding="utf-8")
+
+    def load(self, directory: Path, count: int) -> None:
+        if not (directory / "UNEDITED").is_file():
+            raise ValueError(f"{directory}: not a snapshot of the unedited stream")
 
 
 @dataclass(frozen=True)
@@ -215,9 +246,9 @@ def run_rephrase(
     facts = list(facts)
     if not facts:
         raise ValueError("no facts")
-    bad = [m for m in modes if m not in ADDRESSING]
+    bad = [m for m in modes if m not in MODES]
     if bad or not modes:
-        raise ValueError(f"modes must be a non-empty subset of {ADDRESSING}, got {list(modes)}")
+        raise ValueError(f"modes must be a non-empty subset of {MODES}, got {list(modes)}")
     wpf = len(facts[0].written)
     if any(len(f.written) != wpf for f in facts):
         raise ValueError("every fact needs the same number of written phrasings")
@@ -226,7 +257,7 @@ def run_rephrase(
         config,
         identity_keys=tuple(k for k in config if k != "batch_size"),
         force=force,
-        results_glob=tuple(f"{m}/progress.json" for m in ADDRESSING) + ("summary.json", "summary.md", "curve.png"),
+        results_glob=tuple(f"{m}/progress.json" for m in MODES) + ("summary.json", "summary.md", "curve.png"),
     )
     texts = [w for f in facts for w in f.written]
     n_writes = len(texts)
@@ -251,12 +282,16 @@ def run_rephrase(
     }
     for mode in modes:
         seed_everything(seed)
-        memory = MemoryOptions(addressing=mode, ridge=ridge, **({} if gaussian_alpha is None else {"gaussian_alpha": gaussian_alpha}))
-        stream = LarimarStream(
-            model, texts, memory.reference(model, ref_texts[:K], K), addressing=mode,
-            gaussian_alpha=memory.gaussian_alpha, ridge=memory.ridge_for(model), batch_size=batch_size,
-            name=f"larimar-{mode}",
-        )
+        stream: StreamSystem
+        if mode == "unedited":
+            stream = UneditedStream(model, batch_size=batch_size)
+        else:
+            memory = MemoryOptions(addressing=mode, ridge=ridge, **({} if gaussian_alpha is None else {"gaussian_alpha": gaussian_alpha}))
+            stream = LarimarStream(
+                model, texts, memory.reference(model, ref_texts[:K], K), addressing=mode,
+                gaussian_alpha=memory.gaussian_alpha, ridge=memory.ridge_for(model), batch_size=batch_size,
+                name=f"larimar-{mode}",
+            )
         result = run_stream(stream, n_writes, marks, evaluate, out / mode, progress=progress, desc=f"rephrase {mode}")
         pts = result["points"]
         summary["modes"][mode] = {
@@ -268,7 +303,7 @@ def run_rephrase(
     atomic_write_json(out / "summary.json", summary)
     atomic_write_text(out / "summary.md", rephrase_markdown(summary))
     if plot:
-        names = {"reference": "pseudo-inverse (reference)", "gaussian": "Gaussian"}
+        names = {"reference": "pseudo-inverse (reference)", "gaussian": "Gaussian", "unedited": "unedited (no memory)"}
         plot_curves(
             {names[m]: v["curve"] for m, v in summary["modes"].items()},
             out / "curve.png",
@@ -296,7 +331,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--writes-per-fact", type=int, default=2, help="phrasings written per fact (default 2)")
     p.add_argument("--queries-per-fact", type=int, default=2, help="unseen phrasings queried per fact (default 2)")
     p.add_argument("--memory-size", type=int, default=1000, help="K (default 1000)")
-    p.add_argument("--modes", default="reference,gaussian", help="addressing modes (default reference,gaussian)")
+    p.add_argument("--modes", default="reference,gaussian",
+                   help="addressing modes, and 'unedited' for the decoder without memory (default reference,gaussian)")
     p.add_argument("--gaussian-alpha", type=float, default=None, help="Gaussian addressing bandwidth (default 0.1)")
     p.add_argument("--ridge", type=float, default=None,
                    help="ridge lambda of the writes (default: 0.01 for gaussian, the model's for reference)")
