@@ -108,15 +108,15 @@ def allocate_key_slots(
     check_last_dim(keys, "keys", state.C, "code size C")
     check_finite(keys, "keys")
     keys = keys.to(state.M_ref)
-    ref = state.M_ref
-    new: list[torch.Tensor] = []
-    for k in keys:  # a few hundred keys at most per write; distances O(K C) each
-        tol = atol * max(float(k.norm()), 1.0)
-        if bool(((ref - k).norm(dim=-1) <= tol).any()) or any(bool((n - k).norm() <= tol) for n in new):
-            continue
-        new.append(k)
+    n = keys.shape[0]
+    exact = "donot_use_mm_for_euclid_dist"  # no cancellation: repeats are ~1e-7 apart
+    tol = atol * keys.norm(dim=-1).clamp_min(1.0)  # (n,)
+    known = (torch.cdist(keys, state.M_ref, compute_mode=exact) <= tol[:, None]).any(-1)  # (n,) already a row
+    earlier = torch.ones(n, n, dtype=torch.bool, device=keys.device).tril(-1)  # (n, n) j < i
+    repeat = ((torch.cdist(keys, keys, compute_mode=exact) <= tol[:, None]) & earlier).any(-1)  # (n,)
+    new = keys[~known & ~repeat]  # (n_new, C), in order
     none = torch.zeros(0, dtype=torch.long)
-    if not new:
+    if new.shape[0] == 0:
         return state, none
     usable = unused_slots(state)
     if free is not None:
@@ -124,10 +124,10 @@ def allocate_key_slots(
         if free.numel() != state.K:
             raise MemoryInputError(f"free must have K = {state.K} entries, got {free.numel()}")
         usable = usable & free
-    slots = torch.nonzero(usable).reshape(-1)[: len(new)].cpu()
+    slots = torch.nonzero(usable).reshape(-1)[: new.shape[0]].cpu()
     if slots.numel() == 0:
         return state, none
-    moved = with_reference_rows(state, slots, torch.stack(new[: slots.numel()]))
+    moved = with_reference_rows(state, slots, new[: slots.numel()])
     if held_keys is not None and held_keys.shape[0] > 0:
         held = held_keys.to(state.M_ref)
         if not torch.allclose(moved.address(held), state.address(held), rtol=0.0, atol=1e-12):
