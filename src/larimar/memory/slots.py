@@ -90,10 +90,11 @@ def allocate_key_slots(
     """Give each new key of ``keys (n, C)`` a free slot before it is written.
 
     A key that is already a reference row (within ``atol`` relative to its norm, e.g. the prompt of
-    a fact written before, or a repeat inside ``keys``) keeps that slot. The default tolerance
-    absorbs float32 encoders, whose latents for one text differ by ~1e-7 between batches. The others take the free
-    slots in index order. When there are fewer free slots than new keys, the first keys get them
-    and the rest land between the nearest slots, as Gaussian addressing puts any query.
+    a fact written before) keeps that row's slot, and a repeat inside ``keys`` shares the slot of
+    its first occurrence. The default tolerance absorbs float32 encoders, whose latents for one
+    text differ by ~1e-7 between batches. The other keys take the free slots in index order. When
+    there are fewer free slots than new keys, the first keys get them and the rest land between the
+    nearest slots, as Gaussian addressing puts any query.
 
     ``free (K,)`` bool: slots that may be given out (default: :func:`unused_slots`); it is
     intersected with :func:`unused_slots`, so a slot holding content is never moved. Pass the
