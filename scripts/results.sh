@@ -43,6 +43,6 @@ run eval rephrase    --max-writes 1000 --eval-every 250 --modes gaussian --out "
 run eval rephrase    --max-writes 1000 --eval-every 250 --modes unedited --out "$R/rephrase1000_unedited"
 run eval rephrase    --max-writes 3000 --eval-every 500 --modes gaussian,reference,unedited --out "$R/rephrase3000"
 run eval sequential  --n 100 --eval-max 100 --methods grace --out "$R/sequential_grace100"
-run eval sequential  --n 1000 --eval-max 200 --eval-every 500 --methods grace --out "$R/sequential_grace1000"
+run eval sequential  --n 1000 --eval-max 200 --eval-every 500 --methods grace --out "$R/sequential_grace1000"  # stopped: > 59 min before 500 edits
 echo "=== $(date +%T) python scripts/key_slots_demo.py"; .venv/bin/python scripts/key_slots_demo.py --out reports/key_slots_demo.json
 echo "=== $(date +%T) done"
