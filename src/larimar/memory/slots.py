@@ -72,6 +72,12 @@ def with_reference_rows(state: MemoryState, slots: torch.Tensor, rows: torch.Ten
     taken = [int(k) for k in slots if not bool(free[k])]
     if taken:
         raise MemoryInputError(f"slots {taken} already hold written content; only unused slots can move")
+    return _replace_rows(state, slots, rows)
+
+
+def _replace_rows(state: MemoryState, slots: torch.Tensor, rows: torch.Tensor) -> MemoryState:
+    """:func:`with_reference_rows` without its checks, for callers that picked ``slots`` among the
+    unused ones themselves."""
     M_ref = state.M_ref.clone()
     M_ref[slots.to(M_ref.device)] = rows.to(M_ref)
     # Gaussian addressing never uses M_ref^†; recomputing it (an SVD, ~0.1-1 s at K = 512) at every
@@ -128,7 +134,7 @@ def allocate_key_slots(
     slots = torch.nonzero(usable).reshape(-1)[: new.shape[0]].cpu()
     if slots.numel() == 0:
         return state, none
-    moved = with_reference_rows(state, slots, new[: slots.numel()])
+    moved = _replace_rows(state, slots, new[: slots.numel()])  # slots come from unused_slots above
     if held_keys is not None and held_keys.shape[0] > 0:
         held = held_keys.to(state.M_ref)
         if not torch.allclose(moved.address(held), state.address(held), rtol=0.0, atol=1e-12):
