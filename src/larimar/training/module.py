@@ -213,8 +213,8 @@ def memory_readout(
                 if int(info) == 0:
                     break
                 jitter *= 10
-        if int(info) != 0:
-            raise torch.linalg.LinAlgError(f"memory_readout: the {E}x{E} write Gram matrix is not positive definite (non-finite latents?)")
+            else:
+                raise torch.linalg.LinAlgError(f"memory_readout: the {E}x{E} write Gram matrix is not positive definite (non-finite latents?)")
         M = W.T @ torch.cholesky_solve(Z, L)  # (K, C): ridge solution via the E x E dual
     return Wq, M
 
