@@ -431,3 +431,44 @@ def test_warmstart_keyed_loss_falls(corpus):
     assert hist[-1]["ce_object"] < 0.5 * hist[0]["ce_object"], [h["ce_object"] for h in hist]
     assert {"val_keyed_acc_query"} <= set(train_warmstart(m, ws, steps=1, val=ws, keyed_prob=1.0, log_every=1, progress=False)[0])
     assert 0 <= evaluate_warmstart(m, ws, episode_size=4, keyed=True, max_queried=2)["acc_query"] <= 1
+
+
+def test_word_spans_names_and_phrases_excluded_and_seeded():
+    from larimar.training.data import word_spans
+
+    texts = [
+        "Yesterday the Battle of Hastings was fought near Pevensey Bay by King Harold -- and lost. It rained.",
+        "Ada Lovelace wrote notes on the Analytical Engine in <unk> London.",
+    ]
+    spans = word_spans(texts, 1000, seed=0, exclude={"london"})
+    names = {"Yesterday", "Battle", "Hastings", "Pevensey Bay", "King Harold", "It", "Ada Lovelace", "Analytical Engine"}
+    assert names <= set(spans)  # capitalised runs, cut at lower-case words
+    assert "London" not in spans and not any("unk" in s.split() or "--" in s for s in spans)
+    assert len(spans) == len(set(spans))
+    flat = [" ".join(t.replace("--", " ").replace(".", "").replace("<unk>", "|").split()) for t in texts]
+    for s in spans:  # every span is a run of 1-4 consecutive words of a text, never across <unk>
+        assert 1 <= len(s.split()) <= 4 and any(s in t for t in flat), s
+    assert word_spans(texts, 1000, seed=0, exclude={"london"}) == spans  # deterministic
+    few = word_spans(texts, 4, seed=1)
+    assert len(few) == 4 and sum(s in names | {"London"} for s in few) == 2  # half names, half phrases
+    assert word_spans(texts, 0) == []
+
+
+def test_open_text_spans_join_the_open_pool_without_eval_strings(corpus, tmp_path):
+    from larimar.training.data import EpisodeSampler, load_relations
+
+    text, pr = corpus
+    (text / "b.txt").write_text("Grace Hopper met Alan Turing in Bletchley Park. " * 3)
+    data = tmp_path / "data"
+    (data / "zsre").mkdir(parents=True)
+    (data / "zsre" / "z.json").write_text(json.dumps([{"subject": "Someone", "src": "q?", "alt": "Alan Turing", "answers": ["x"]}]))
+    base = load_relations(pr, object_pool="mixed")["P1"].open_objects
+    kw = dict(fact_fraction=1.0, object_pool="mixed", open_text_spans=50, exclude_eval_from=data, val_fraction=0.0)
+    sampler = EpisodeSampler(text, pr, **kw)
+    pool = set(sampler.relations[0].open_objects)
+    assert set(base) < pool and {"Grace Hopper", "Bletchley Park"} <= pool
+    assert "Alan Turing" not in pool  # an evaluation answer never becomes a training object
+    with pytest.raises(ValueError, match="text_root"):
+        EpisodeSampler(None, pr, **kw)
+    with pytest.raises(ValueError, match="extra_open"):
+        load_relations(pr, extra_open=["x"])

@@ -147,9 +147,11 @@ def run_warmstart(model, train_cfg: dict, directory: Path, *, resume: bool = Tru
     torch.manual_seed(d["seed"])
     pool = d.get("object_pool", "relation")
     # one sampler for cloze and question items: question templates change no cloze draw
+    spans = d.get("open_text_spans", 0)  # word spans of the text corpus joining the open object pool
     sampler = EpisodeSampler(
-        None, d["pararel_root"], split="train", fact_fraction=1.0, seed=d["seed"], exclude_eval_from=d.get("exclude_eval_from"),
-        question_templates=d.get("question_templates"), object_pool=pool, unknown_prob=d.get("unknown_object_prob", 0.0),
+        d["text_root"] if spans else None, d["pararel_root"], split="train", fact_fraction=1.0, seed=d["seed"],
+        exclude_eval_from=d.get("exclude_eval_from"), question_templates=d.get("question_templates"), object_pool=pool,
+        unknown_prob=d.get("unknown_object_prob", 0.0), open_text_spans=spans,
     )
     distractors = None
     if d.get("text_root") and w["distractor_sentence_prob"] > 0:
@@ -160,6 +162,7 @@ def run_warmstart(model, train_cfg: dict, directory: Path, *, resume: bool = Tru
         **{k: d.get(k) for k in ("pararel_root", "text_root", "exclude_eval_from")},
         **({"object_pool": pool} if pool != "relation" else {}),  # (absent from older caches' keys)
         **({"unknown_object_prob": d["unknown_object_prob"]} if d.get("unknown_object_prob") else {}),
+        **({"open_text_spans": spans} if spans else {}),
         **{k: v for k, v in kw.items() if k != "distractor_sentences"},
     }
 

@@ -117,6 +117,62 @@ def _eval_subjects(data_root: Path) -> set[str]:
     return subjects
 
 
+def _eval_answers(data_root: Path) -> set[str]:
+    """Lower-cased answers of the evaluation sets (CounterFact new/true objects, ZsRE alt/answers)."""
+    answers: set[str] = set()
+    for path in list((data_root / "counterfact").glob("*.json")) + list((data_root / "zsre").glob("*.json")):
+        try:
+            records = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        for r in records:
+            rw = r.get("requested_rewrite") or {}
+            found = [(rw.get("target_new") or {}).get("str"), (rw.get("target_true") or {}).get("str")]
+            found += [r.get("alt"), r.get("target_new")] + list(r.get("answers") or [])
+            answers.update(a.strip().lower() for a in found if isinstance(a, str) and a.strip())
+    return answers
+
+
+_SPAN_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'&.-]*[A-Za-z0-9]|[A-Za-z0-9]")
+
+
+def word_spans(texts: list[str], n: int, seed: int = 0, *, exclude: set[str] | None = None) -> list[str]:
+    """Up to `n` distinct word spans of `texts` (generic documents), to be used as open objects.
+
+    Half are runs of 1-4 capitalised words (names, titles: "Battle of Hastings" gives the runs
+    "Battle" and "Hastings"), half random runs of 1-3 words, so that an output path trained on them
+    learns to spell many strings, not a few hundred entity names. Spans whose lower-cased form is in
+    `exclude` are dropped. Deterministic for a given `seed` and text order.
+    """
+    if n <= 0:
+        return []
+    rng = random.Random(seed)
+    exclude = exclude or set()
+    names: set[str] = set()
+    phrases: set[str] = set()
+    for text in texts:
+        words = _SPAN_WORD.findall(text.replace("--", " "))
+        run: list[str] = []
+        for w in words + [""]:
+            if w[:1].isupper() and len(run) < 4:
+                run.append(w)
+                continue
+            if run:
+                names.add(" ".join(run))
+            run = [w] if w[:1].isupper() else []
+        for _ in range(len(words) // 8):
+            i = rng.randrange(len(words))
+            span = words[i : i + rng.randint(1, 3)]
+            if "unk" not in span:  # WikiText's <unk>
+                phrases.add(" ".join(span))
+    name_list = sorted(x for x in names if x.lower() not in exclude)
+    phrase_list = sorted(x for x in phrases - names if x.lower() not in exclude)
+    rng.shuffle(name_list)
+    rng.shuffle(phrase_list)
+    out = name_list[: n // 2]
+    return out + phrase_list[: n - len(out)]
+
+
 @dataclass
 class Relation:
     """One PARAREL relation: cloze patterns (text before the object), subjects, and its object pool."""
@@ -178,6 +234,7 @@ def load_relations(
     question_templates: str | Path | None = None,
     object_pool: str = "relation",
     unknown_prob: float = 0.0,
+    extra_open: list[str] | None = None,
 ) -> dict[str, Relation]:
     """relation id -> Relation, from PARAREL patterns ending in '[Y].' and T-REx facts (and question
     templates from `question_templates`, a JSON file relation id -> template, where given).
@@ -188,11 +245,15 @@ def load_relations(
     read from memory, whatever it is; "mixed" draws half of the objects each way.
     `unknown_prob`: the chance that a fact's object is the word "unknown" instead, so that a decoder
     learns to read that word back too (forgetting and leakage prevention write "{prompt} unknown.").
+    `extra_open`: further strings for the open pool (e.g. `word_spans` of the text corpus); needs
+    `object_pool` "open" or "mixed".
     """
     if object_pool not in OBJECT_POOLS:
         raise ValueError(f"object_pool must be one of {OBJECT_POOLS}, got {object_pool!r}")
     if not 0.0 <= unknown_prob < 1.0:
         raise ValueError(f"unknown_prob must be in [0, 1), got {unknown_prob}")
+    if extra_open and object_pool == "relation":
+        raise ValueError('extra_open objects need object_pool "open" or "mixed"')
     root = Path(pararel_root)
     exclude = exclude_subjects or set()
     questions = load_question_templates(question_templates) if question_templates else {}
@@ -214,7 +275,8 @@ def load_relations(
         if patterns and subjects and len(objects) > 1:
             out[pat_file.stem] = Relation(patterns, subjects, objects, questions.get(pat_file.stem), unknown_prob)
     if object_pool != "relation" and out:
-        pool = sorted({x for r in out.values() for x in r.subjects + r.objects} | {str(y) for y in range(1000, 2030)})
+        pool = {x for r in out.values() for x in r.subjects + r.objects} | {str(y) for y in range(1000, 2030)}
+        pool = sorted(pool | set(extra_open or ()))
         for r in out.values():
             if object_pool == "open":
                 r.objects = pool
@@ -239,7 +301,11 @@ class EpisodeSampler:
         question_templates: str | Path | None = None,
         object_pool: str = "relation",
         unknown_prob: float = 0.0,
+        open_text_spans: int = 0,
     ):
+        """`open_text_spans` > 0: that many `word_spans` of the *training* documents under `text_root`
+        join the open object pool (answers and subjects of the evaluation sets under
+        `exclude_eval_from` removed); facts then need `object_pool` "open" or "mixed"."""
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         self.rng = random.Random(seed + (0 if split == "train" else 1))
@@ -251,9 +317,16 @@ class EpisodeSampler:
         self.relations: list[Relation] = []
         if pararel_root is not None and fact_fraction > 0:
             exclude = _eval_subjects(Path(exclude_eval_from)) if exclude_eval_from else set()
+            spans = None
+            if open_text_spans > 0:
+                if text_root is None:
+                    raise ValueError("open_text_spans needs text_root")
+                train_docs = [t for d, t in read_documents(text_root) if not is_validation(d, val_fraction)]
+                banned = exclude | (_eval_answers(Path(exclude_eval_from)) if exclude_eval_from else set())
+                spans = word_spans(train_docs, open_text_spans, seed, exclude=banned)
             relations = load_relations(
                 pararel_root, exclude_subjects=exclude, question_templates=question_templates, object_pool=object_pool,
-                unknown_prob=unknown_prob,
+                unknown_prob=unknown_prob, extra_open=spans,
             )
             for rel, relation in relations.items():
                 if is_validation("pararel#" + rel, val_fraction * 2) == (split == "val"):

@@ -40,6 +40,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
         "question_templates": None,  # JSON relation id -> question template (stage 1 question items)
         "object_pool": "relation",  # stage 1 fact objects: "relation" (each relation's own), "open" (any entity or year) or "mixed" (half each)
         "unknown_object_prob": 0.0,  # chance a fact's object is "unknown" (what forgetting and leakage prevention write)
+        "open_text_spans": 0,  # word spans of the training text joining the open object pool ("open"/"mixed")
         "fact_fraction": 0.5,
         "episode_size": 16,
         "n_ae": 4,
@@ -130,6 +131,7 @@ class LarimarDataModule(L.LightningDataModule):
             val_fraction=c["val_fraction"],
             object_pool=c.get("object_pool", "relation"),
             unknown_prob=c.get("unknown_object_prob", 0.0),
+            open_text_spans=c.get("open_text_spans", 0),
         )
         self.train_sampler = EpisodeSampler(c["text_root"], split="train", **kw)
         try:
