@@ -472,3 +472,68 @@ def test_open_text_spans_join_the_open_pool_without_eval_strings(corpus, tmp_pat
         EpisodeSampler(None, pr, **kw)
     with pytest.raises(ValueError, match="extra_open"):
         load_relations(pr, extra_open=["x"])
+
+
+def test_spelling_set_borrows_host_first_object_rows_and_trains(corpus):
+    """Spelling items: the host's query latents and first-object decoder state, the span's value and first token."""
+    from larimar.training.warmstart import Episode, _rows_by_item, build_set, spelling_set, train_warmstart, warmstart_loss
+
+    _, pr = corpus
+    torch.manual_seed(0)
+    m = tiny_output_model()
+    m.config = m.config.replace(keyed_writes=True, value_writes=True)
+    host = build_set(m, EpisodeSampler(None, pr, fact_fraction=1.0, val_fraction=0.0), 5, max_tokens=32, progress=False)
+    spans = ["Grace Hopper", "Bletchley Park", "the mantelpiece", "Turing"]
+    sp = spelling_set(m, host, spans, seed=0)
+    assert len(sp) == 4 and sp.hidden.shape == (8, host.hidden.shape[1])
+    firsts = [m.tokenizer(" " + s, add_special_tokens=False)["input_ids"][0] for s in spans]
+    assert sp.target.tolist() == [t for t in firsts for _ in (0, 1)] and bool(sp.is_object.all())
+    torch.testing.assert_close(sp.emb_value, m.encoder.embed(spans).float())
+    host_rows = _rows_by_item(host)
+    for i in range(4):
+        h = int((host.emb_query == sp.emb_query[i]).all(-1).nonzero()[0])  # the borrowed host item
+        torch.testing.assert_close(sp.emb_rephrase[i], host.emb_rephrase[h])
+        for v in (0, 1):
+            r = host_rows[2 * h + v]
+            first = r[host.is_object[r]][0]  # the host's first object position, as asked / rephrased
+            torch.testing.assert_close(sp.hidden[2 * i + v], host.hidden[first])
+    with pytest.raises(ValueError, match="no objects"):
+        spelling_set(m, host, [])
+
+    n = len(host)  # training on host + spelling items lowers the spelling items' loss
+    both = __import__("larimar.training.warmstart", fromlist=["concat_sets"]).concat_sets([host, sp])
+    eps = [Episode([n, n + 1, n + 2, n + 3], [n, n + 1, n + 2, n + 3], [False, True, False, True], keyed=True)]
+
+    def spell_loss():
+        with torch.no_grad():
+            return float(warmstart_loss(m, both, _rows_by_item(both), eps, noise=False)["ce_object"])
+
+    before = spell_loss()
+    train_warmstart(m, host, steps=60, lr=1e-2, items_per_step=2, episode_sizes=(2,), spelling=sp, spelling_per_step=4,
+                    log_every=60, progress=False)
+    assert spell_loss() < 0.5 * before
+    m.config = m.config.replace(value_writes=False)
+    with pytest.raises(ValueError, match="value_writes"):
+        train_warmstart(m, host, steps=1, spelling=sp, progress=False)
+
+
+def test_run_warmstart_spelling_items_cached_and_validated(corpus, tmp_path):
+    from larimar.training.cli import run_warmstart
+    from larimar.training.module import TRAIN_DEFAULTS, merge
+
+    text, pr = corpus
+    (text / "b.txt").write_text("Grace Hopper met Alan Turing near Bletchley Park in the war. " * 4)
+    cfg = merge(TRAIN_DEFAULTS, {
+        "data": {"text_root": str(text), "pararel_root": str(pr), "exclude_eval_from": None, "val_fraction": 0.0},
+        "warmstart": {"steps": 2, "items": 6, "val_items": 4, "log_every": 2, "spelling_items": 6, "spelling_val_items": 3,
+                      "spelling_per_step": 4, "keyed_prob": 1.0},
+    })
+    m = Larimar(LarimarConfig(**MODEL_CFG, output_offset=True, output_hidden=32, keyed_writes=True, value_writes=True),
+                tiny_bert(), tiny_bert_tokenizer(), tiny_llama(kv_heads=1), tiny_tokenizer(pad_token=True))
+    run_warmstart(m, cfg, tmp_path / "ws")
+    sets = torch.load(tmp_path / "ws" / "sets_spelling.pt", weights_only=False)
+    assert len(sets["train"]) == 6 and len(sets["val"]) == 3
+    assert "val_spelling_acc_query" in json.loads((tmp_path / "ws" / "history.json").read_text())[-1]
+    cfg["data"]["text_root"] = None
+    with pytest.raises(ValueError, match="text_root"):
+        run_warmstart(m, cfg, tmp_path / "ws2")

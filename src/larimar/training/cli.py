@@ -127,8 +127,8 @@ def run_warmstart(model, train_cfg: dict, directory: Path, *, resume: bool = Tru
     import torch
     from safetensors.torch import load_file
 
-    from larimar.training.data import EpisodeSampler
-    from larimar.training.warmstart import build_set, concat_sets, train_warmstart
+    from larimar.training.data import EpisodeSampler, corpus_spans
+    from larimar.training.warmstart import build_set, concat_sets, spelling_set, train_warmstart
 
     done = directory / "adapter.safetensors"
     if resume and done.is_file():
@@ -201,6 +201,30 @@ def run_warmstart(model, train_cfg: dict, directory: Path, *, resume: bool = Tru
         )
         train_set = concat_sets([train_set, q_train])
         extra_val["question"] = q_val
+    spelling = None
+    if w.get("spelling_items", 0) > 0:  # stage 1c: first tokens of many text spans, on borrowed decoder states
+        if not d.get("text_root"):
+            raise ValueError("warmstart.spelling_items > 0 needs data.text_root")
+        n_sp, n_sv = w["spelling_items"], w["spelling_val_items"]
+        sp_key = {**key, "spelling_items": n_sp, "spelling_val_items": n_sv, "question_items": w.get("question_items", 0)}
+        path = directory / "sets_spelling.pt"
+        sets = torch.load(path, weights_only=False) if resume and path.is_file() else None
+        if sets is not None and sets.get("key") == sp_key:
+            print(f"warm start: reusing spelling items {path}")
+        else:
+            spans = corpus_spans(d["text_root"], n_sp + n_sv, d["seed"] + 5, exclude_eval_from=d.get("exclude_eval_from"))
+            if len(spans) < n_sp + n_sv:
+                raise ValueError(f"warmstart.spelling_items: the corpus gave {len(spans)} spans, fewer than {n_sp + n_sv}")
+            sets = {
+                "key": sp_key,
+                "train": spelling_set(model, train_set, spans[n_sv:], seed=d["seed"]),
+                "val": spelling_set(model, val_set, spans[:n_sv], seed=d["seed"] + 1),
+            }
+            directory.mkdir(parents=True, exist_ok=True)
+            torch.save(sets, path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").replace(path)
+        spelling = sets["train"]
+        extra_val["spelling"] = sets["val"]
     history = train_warmstart(
         model,
         train_set,
@@ -215,6 +239,8 @@ def run_warmstart(model, train_cfg: dict, directory: Path, *, resume: bool = Tru
         large_query_items=w["large_query_items"],
         val=val_set,
         extra_val=extra_val,
+        spelling=spelling,
+        spelling_per_step=w["spelling_per_step"],
         seed=d["seed"],
         log_every=w["log_every"],
     )

@@ -173,6 +173,16 @@ def word_spans(texts: list[str], n: int, seed: int = 0, *, exclude: set[str] | N
     return out + phrase_list[: n - len(out)]
 
 
+def corpus_spans(
+    text_root: str | Path, n: int, seed: int = 0, *, exclude_eval_from: str | Path | None = None, val_fraction: float = 0.05
+) -> list[str]:
+    """`word_spans` of the *training* documents under `text_root`, without the subjects and answers of
+    the evaluation sets under `exclude_eval_from`."""
+    docs = [t for d, t in read_documents(text_root) if not is_validation(d, val_fraction)]
+    banned = (_eval_subjects(Path(exclude_eval_from)) | _eval_answers(Path(exclude_eval_from))) if exclude_eval_from else set()
+    return word_spans(docs, n, seed, exclude=banned)
+
+
 @dataclass
 class Relation:
     """One PARAREL relation: cloze patterns (text before the object), subjects, and its object pool."""
@@ -321,9 +331,7 @@ class EpisodeSampler:
             if open_text_spans > 0:
                 if text_root is None:
                     raise ValueError("open_text_spans needs text_root")
-                train_docs = [t for d, t in read_documents(text_root) if not is_validation(d, val_fraction)]
-                banned = exclude | (_eval_answers(Path(exclude_eval_from)) if exclude_eval_from else set())
-                spans = word_spans(train_docs, open_text_spans, seed, exclude=banned)
+                spans = corpus_spans(text_root, open_text_spans, seed, exclude_eval_from=exclude_eval_from, val_fraction=val_fraction)
             relations = load_relations(
                 pararel_root, exclude_subjects=exclude, question_templates=question_templates, object_pool=object_pool,
                 unknown_prob=unknown_prob, extra_open=spans,

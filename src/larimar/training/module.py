@@ -79,6 +79,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {
         "large_query_items": 32,  # facts queried (loss) in a large episode
         "question_items": 0,  # extra items asked as questions (data.question_templates), cached separately
         "question_val_items": 256,  # question items held out for validation (fresh draws: objects are random)
+        "spelling_items": 0,  # stage 1c: text spans taught as first answer tokens on borrowed decoder states (0: off)
+        "spelling_val_items": 256,  # held-out spans for validation ("val_spelling_*")
+        "spelling_per_step": 32,  # spelling items written (keyed) and asked per step
         "init_adapter": None,  # start from this adapter (directory or .safetensors); a 1-head output offset is expanded
         "log_every": 100,
     },

@@ -175,6 +175,51 @@ def concat_sets(sets: list[WarmstartSet]) -> WarmstartSet:
     )
 
 
+@torch.no_grad()
+def spelling_set(model, host: WarmstartSet, objects: list[str], *, seed: int = 0, batch_size: int = 256) -> WarmstartSet:
+    """Decoder-free items that teach the output path to spell many objects (stage 1c).
+
+    Each of `objects` (e.g. `word_spans` of the text corpus) becomes an item that borrows a random
+    *host* item of `host`: its query and rephrased query latents, and the cached decoder state at the
+    position where the host's object begins (for both phrasings). The item's value latent is the
+    object's own encoding, and the target at that borrowed position is the object's first decoder
+    token. This is exactly the first answer token of a counterfactual edit "host query -> object",
+    for the price of one encoder pass per object: no decoder forward, so many more objects than the
+    cached fact items can be seen. Only the first token is taught (later positions would need the
+    decoder to have read the new object's earlier tokens). Spelling items hold no whole-fact latent
+    (`emb_text` is the value's), so they belong in keyed episodes only (`train_warmstart(spelling=)`).
+    """
+    if not objects:
+        raise ValueError("spelling_set: no objects")
+    rng = random.Random(seed)
+    rows_of = _rows_by_item(host)
+    first_row = torch.full((2 * len(host),), -1, dtype=torch.long)
+    for key, r in enumerate(rows_of):
+        obj = r[host.is_object[r]]
+        if obj.numel():
+            first_row[key] = obj[0]
+    hosts = [i for i in range(len(host)) if first_row[2 * i] >= 0 and first_row[2 * i + 1] >= 0]
+    if not hosts:
+        raise ValueError("spelling_set: the host set has no object rows")
+    pick = torch.tensor([rng.choice(hosts) for _ in objects])  # (N,)
+    tok = model.tokenizer
+    first_tok = torch.tensor([tok(" " + o.strip(), add_special_tokens=False)["input_ids"][0] for o in objects])  # (N,)
+    emb_value = model.encoder.embed([o.strip() for o in objects], batch_size=batch_size).float().cpu()  # (N, H_enc)
+    rows = torch.stack([first_row[2 * pick], first_row[2 * pick + 1]], dim=1).reshape(-1)  # (2N,) variant 0, 1
+    n = len(objects)
+    return WarmstartSet(
+        emb_value,  # no fact sentence: never written whole (keyed episodes only)
+        host.emb_query[pick],
+        host.emb_rephrase[pick],
+        host.hidden[rows],
+        first_tok.repeat_interleave(2),
+        torch.ones(2 * n, dtype=torch.bool),
+        torch.arange(n).repeat_interleave(2),
+        torch.tensor([0, 1]).repeat(n),
+        emb_value,
+    )
+
+
 def _rows_by_item(ws: WarmstartSet) -> list[torch.Tensor]:
     """Row indices of item i's variant v at position 2 i + v."""
     key = ws.row_item * 2 + ws.row_variant
@@ -331,6 +376,8 @@ def train_warmstart(
     large_query_items: int = 32,
     val: WarmstartSet | None = None,
     extra_val: dict[str, WarmstartSet] | None = None,
+    spelling: WarmstartSet | None = None,
+    spelling_per_step: int = 32,
     seed: int = 0,
     log_every: int = 100,
     progress: bool = True,
@@ -338,10 +385,17 @@ def train_warmstart(
     """Train encoder head, M0 and the output offset on cached states. Returns the logged history.
 
     `extra_val`: further validation sets (name -> set), evaluated with keyed episodes of 16 facts.
+    `spelling`: a `spelling_set`; each step also writes `spelling_per_step` of its items in keyed
+    episodes (sizes from `episode_sizes`) and asks for their first tokens.
     """
     if model.out_offset is None:
         raise ValueError("warm start trains the output offset: set output_offset: true in the model config")
     rng = random.Random(seed)
+    n_main = len(ws)
+    if spelling is not None:
+        if not model.config.value_writes:
+            raise ValueError("spelling items store value latents: they need value_writes: true")
+        ws = concat_sets([ws, spelling])  # spelling items are indices n_main.. and only drawn below
     rows_of = _rows_by_item(ws)
     params = list(model.out_offset.parameters()) + list(model.encoder.head.parameters()) + [model.M0]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -352,10 +406,13 @@ def train_warmstart(
     counts: dict[str, int] = {}
     for step in range(1, steps + 1):
         eps = sample_episodes(
-            rng, len(ws), items_per_step, episode_sizes, rephrase_prob, distractor_prob,
+            rng, n_main, items_per_step, episode_sizes, rephrase_prob, distractor_prob,
             keyed_prob=keyed_prob, large_prob=large_episode_prob, large_max=model.config.memory_size,
             large_query_items=large_query_items,
         )
+        if spelling is not None:
+            for ep in sample_episodes(rng, len(spelling), spelling_per_step, episode_sizes, rephrase_prob, 0.0, keyed_prob=1.0):
+                eps.append(Episode([n_main + i for i in ep.items], [n_main + i for i in ep.queried], ep.rephrase, keyed=True))
         out = warmstart_loss(model, ws, rows_of, eps, context_weight=context_weight)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
