@@ -28,6 +28,8 @@ def main(history: str, out: str, config: str = "configs/small.yaml") -> None:
         ("val_keyed256_acc_rephrase", "keyed, 256 facts, rephrased"),
         ("val_question_acc_query", "keyed, 16 questions, query"),
         ("val_question_acc_rephrase", "keyed, 16 questions, rephrased"),
+        ("val_spelling_acc_query", "keyed, 16 held-out text spans, query (stage 1c)"),
+        ("val_spelling_acc_rephrase", "keyed, 16 held-out text spans, rephrased (stage 1c)"),
     ]:
         if key in h[0]:
             b.plot(steps, [100 * r[key] for r in h], label=label)

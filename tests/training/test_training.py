@@ -537,3 +537,19 @@ def test_run_warmstart_spelling_items_cached_and_validated(corpus, tmp_path):
     cfg["data"]["text_root"] = None
     with pytest.raises(ValueError, match="text_root"):
         run_warmstart(m, cfg, tmp_path / "ws2")
+
+
+def test_warmstart_train_latents_false_keeps_head_and_M0(corpus):
+    from larimar.training.warmstart import build_set, train_warmstart
+
+    _, pr = corpus
+    torch.manual_seed(0)
+    m = tiny_output_model()
+    ws = build_set(m, EpisodeSampler(None, pr, fact_fraction=1.0, val_fraction=0.0), 4, max_tokens=32, progress=False)
+    head = {k: v.clone() for k, v in m.encoder.head.state_dict().items()}
+    M0, offset = m.M0.detach().clone(), m.out_offset.proj.weight.detach().clone()
+    train_warmstart(m, ws, steps=3, lr=1e-2, items_per_step=4, episode_sizes=(4,), train_latents=False, progress=False)
+    assert all(torch.equal(v, m.encoder.head.state_dict()[k]) for k, v in head.items()) and torch.equal(M0, m.M0)
+    assert not torch.equal(offset, m.out_offset.proj.weight)
+    train_warmstart(m, ws, steps=3, lr=1e-2, items_per_step=4, episode_sizes=(4,), progress=False)
+    assert not torch.equal(M0, m.M0)  # the default trains them

@@ -241,6 +241,7 @@ def run_warmstart(model, train_cfg: dict, directory: Path, *, resume: bool = Tru
         extra_val=extra_val,
         spelling=spelling,
         spelling_per_step=w["spelling_per_step"],
+        train_latents=w["train_latents"],
         seed=d["seed"],
         log_every=w["log_every"],
     )

@@ -82,6 +82,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
         "spelling_items": 0,  # stage 1c: text spans taught as first answer tokens on borrowed decoder states (0: off)
         "spelling_val_items": 256,  # held-out spans for validation ("val_spelling_*")
         "spelling_per_step": 32,  # spelling items written (keyed) and asked per step
+        "train_latents": True,  # False: train the output offset only (encoder head and M0 kept: latents, addresses and scope scores unchanged)
         "init_adapter": None,  # start from this adapter (directory or .safetensors); a 1-head output offset is expanded
         "log_every": 100,
     },

@@ -378,6 +378,7 @@ def train_warmstart(
     extra_val: dict[str, WarmstartSet] | None = None,
     spelling: WarmstartSet | None = None,
     spelling_per_step: int = 32,
+    train_latents: bool = True,
     seed: int = 0,
     log_every: int = 100,
     progress: bool = True,
@@ -387,6 +388,8 @@ def train_warmstart(
     `extra_val`: further validation sets (name -> set), evaluated with keyed episodes of 16 facts.
     `spelling`: a `spelling_set`; each step also writes `spelling_per_step` of its items in keyed
     episodes (sizes from `episode_sizes`) and asks for their first tokens.
+    `train_latents=False`: train the output offset only, keeping the encoder head and M0 (and so every
+    latent, address and scope-detector score of a trained model) as they are.
     """
     if model.out_offset is None:
         raise ValueError("warm start trains the output offset: set output_offset: true in the model config")
@@ -397,7 +400,9 @@ def train_warmstart(
             raise ValueError("spelling items store value latents: they need value_writes: true")
         ws = concat_sets([ws, spelling])  # spelling items are indices n_main.. and only drawn below
     rows_of = _rows_by_item(ws)
-    params = list(model.out_offset.parameters()) + list(model.encoder.head.parameters()) + [model.M0]
+    params = list(model.out_offset.parameters())
+    if train_latents:
+        params += list(model.encoder.head.parameters()) + [model.M0]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
     history: list[dict[str, float]] = []
