@@ -31,7 +31,7 @@ run eval batch       --memory-sizes 512 --sizes 16,256,512,1024,2048 --eval-n 50
 run eval batch       --memory-sizes 256 --sizes 1,16,64,256,512,1024 --eval-n 50 --out "$R/batch_k256"
 run eval batch       --memory-sizes 1024 --sizes 1,16,64,256,512,1024,2048 --eval-n 50 --out "$R/batch_k1024"
 run eval counterfact --method prompt   --n 100 --out "$R/cf_prompt"
-run eval counterfact --method ike      --n 50  --out "$R/cf_ike"
+run eval counterfact --method ike      --n 87  --out "$R/cf_ike"   # 50 in session 6, resumed to 87 in session 9
 run eval counterfact --method grace    --n 100 --out "$R/cf_grace"
 run eval counterfact --method ft_l     --n 30  --out "$R/cf_ft_l"
 run eval counterfact --method rome     --n 30  --out "$R/cf_rome"
@@ -44,5 +44,17 @@ run eval rephrase    --max-writes 1000 --eval-every 250 --modes gaussian --out "
 run eval rephrase    --max-writes 1000 --eval-every 250 --modes unedited --out "$R/rephrase1000_unedited"
 run eval rephrase    --max-writes 3000 --eval-every 500 --modes gaussian,reference,unedited --out "$R/rephrase3000"
 run eval sequential  --n 1000 --eval-max 200 --eval-every 500 --methods grace --out "$R/sequential_grace1000"  # ~2 h; snapshots every 50 edits
+# session 9: stage 1c, an experiment (not shipped): train it (configs/small-spans*.yaml), then evaluate each result
+for T in small-spans:1c small-spans-frozen:1cf; do
+  M="runs/${T%%:*}/warmstart"; S="${T##*:}"
+  [ -f "$M/adapter.safetensors" ] || { echo "!!! $M: train it first (larimar train --config configs/${T%%:*}.yaml --max-steps 0 --output-dir runs/${T%%:*})"; continue; }
+  cp -n src/larimar/assets/default/scope_idf.json "$M/"
+  run eval zsre        --method larimar --model "$M" --n 200 --out "$R/zsre_larimar_$S"
+  run eval counterfact --method larimar --model "$M" --n 200 --out "$R/cf_larimar_${S}_200"
+  run eval sequential  --model "$M" --n 1000 --eval-max 200 --eval-every 500 --methods larimar --addressing gaussian --out "$R/sequential_keyslots_$S"
+done
+echo "=== $(date +%T) value probe"
+.venv/bin/python scripts/value_probe.py --epochs 6 --out reports/value_probe_names.json
+.venv/bin/python scripts/value_probe.py --text-spans 60000 --epochs 2 --out reports/value_probe_spans.json
 echo "=== $(date +%T) python scripts/key_slots_demo.py"; .venv/bin/python scripts/key_slots_demo.py --out reports/key_slots_demo.json
 echo "=== $(date +%T) done"

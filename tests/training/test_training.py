@@ -553,3 +553,28 @@ def test_warmstart_train_latents_false_keeps_head_and_M0(corpus):
     assert not torch.equal(offset, m.out_offset.proj.weight)
     train_warmstart(m, ws, steps=3, lr=1e-2, items_per_step=4, episode_sizes=(4,), progress=False)
     assert not torch.equal(M0, m.M0)  # the default trains them
+
+
+@pytest.mark.parametrize("train_latents", [False, True])
+def test_run_warmstart_inherits_the_initial_scope_detector(corpus, tmp_path, capsys, train_latents):
+    from larimar.modeling.model import SCOPE_IDF_FILE
+    from larimar.training.cli import run_warmstart
+    from larimar.training.module import TRAIN_DEFAULTS, merge
+
+    _, pr = corpus
+    init = tiny_output_model()
+    init.config = init.config.replace(scope_threshold=0.42, scope_lexical_weight=0.3)
+    init.set_scope_idf({"paris": 2.5})
+    init.save_pretrained(tmp_path / "init")
+    cfg = merge(TRAIN_DEFAULTS, {
+        "data": {"pararel_root": str(pr), "exclude_eval_from": None, "val_fraction": 0.0},
+        "warmstart": {"steps": 1, "items": 4, "val_items": 4, "log_every": 1, "init_adapter": str(tmp_path / "init"),
+                      "train_latents": train_latents},
+    })
+    m = tiny_output_model()
+    assert m.config.scope_threshold != 0.42
+    run_warmstart(m, cfg, tmp_path / "ws")
+    saved = json.loads((tmp_path / "ws" / "config.json").read_text())
+    assert (saved["scope_threshold"], saved["scope_lexical_weight"]) == (0.42, 0.3)
+    assert json.loads((tmp_path / "ws" / SCOPE_IDF_FILE).read_text()) == {"paris": 2.5}
+    assert ("recalibrate" in capsys.readouterr().out) == train_latents

@@ -120,6 +120,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inherit_scope(model, init_dir: Path, *, keep_latents: bool) -> None:
+    """Carry the initial adapter's scope detector (threshold, lexical weight, IDF table) into `model`.
+
+    They were calibrated on that adapter's latents, which stay exactly as they are when only the
+    output offset trains (`keep_latents`); otherwise they are a starting point, to be recalibrated
+    (`larimar scope`) before the result is used.
+    """
+    import json
+
+    from larimar.modeling.model import CONFIG_FILE, SCOPE_IDF_FILE
+
+    cfg_path, idf_path = init_dir / CONFIG_FILE, init_dir / SCOPE_IDF_FILE
+    if cfg_path.is_file():
+        init_cfg = json.loads(cfg_path.read_text())
+        keep = {k: init_cfg[k] for k in ("scope_threshold", "scope_lexical_weight") if k in init_cfg}
+        model.config = model.config.replace(**keep)
+        model.configure_scope()
+    if idf_path.is_file():
+        model.set_scope_idf(json.loads(idf_path.read_text()))
+    if not keep_latents and (cfg_path.is_file() or idf_path.is_file()):
+        print("warm start: the encoder head trains, so the inherited scope threshold is only a starting point: recalibrate it (larimar scope)")
+
+
 def run_warmstart(model, train_cfg: dict, directory: Path, *, resume: bool = True) -> None:
     """Stage 1 (decoder-free, `larimar.training.warmstart`); its result is saved to `directory` and reused."""
     import json
@@ -144,6 +167,7 @@ def run_warmstart(model, train_cfg: dict, directory: Path, *, resume: bool = Tru
             state = model.out_offset.expand_state(state, prefix="out_offset.")
         model.load_adapter_state(state)
         print(f"warm start: initialised from {init}")
+        _inherit_scope(model, init.parent, keep_latents=not w["train_latents"])
     torch.manual_seed(d["seed"])
     pool = d.get("object_pool", "relation")
     # one sampler for cloze and question items: question templates change no cloze draw
