@@ -44,13 +44,14 @@ run eval rephrase    --max-writes 1000 --eval-every 250 --modes gaussian --out "
 run eval rephrase    --max-writes 1000 --eval-every 250 --modes unedited --out "$R/rephrase1000_unedited"
 run eval rephrase    --max-writes 3000 --eval-every 500 --modes gaussian,reference,unedited --out "$R/rephrase3000"
 run eval sequential  --n 1000 --eval-max 200 --eval-every 500 --methods grace --out "$R/sequential_grace1000"  # ~2 h; snapshots every 50 edits
-# session 9: stage 1c, an experiment (not shipped): train it (configs/small-spans*.yaml), then evaluate each result
+# session 9: stage 1c, an experiment (not shipped): train it (configs/small-spans*.yaml), then evaluate each result.
+# Its runs inherit the shipped scope detector (the fix of session 9). The README's cosine-only rows
+# (cf_larimar_1c_200, cf_larimar_1cf_200, zsre_larimar_1c, zsre_larimar_1cf) came from before that fix.
 for T in small-spans:1c small-spans-frozen:1cf; do
   M="runs/${T%%:*}/warmstart"; S="${T##*:}"
   [ -f "$M/adapter.safetensors" ] || { echo "!!! $M: train it first (larimar train --config configs/${T%%:*}.yaml --max-steps 0 --output-dir runs/${T%%:*})"; continue; }
-  cp -n src/larimar/assets/default/scope_idf.json "$M/"
-  run eval zsre        --method larimar --model "$M" --n 200 --out "$R/zsre_larimar_$S"
-  run eval counterfact --method larimar --model "$M" --n 200 --out "$R/cf_larimar_${S}_200"
+  run eval zsre        --method larimar --model "$M" --n 200 --out "$R/zsre_larimar_${S}_scope"
+  run eval counterfact --method larimar --model "$M" --n 200 --out "$R/cf_larimar_${S}_200_scope"
   run eval sequential  --model "$M" --n 1000 --eval-max 200 --eval-every 500 --methods larimar --addressing gaussian --out "$R/sequential_keyslots_$S"
 done
 echo "=== $(date +%T) value probe"
