@@ -103,33 +103,31 @@ def split_item(sentence: str, rng: random.Random, lo: float = 0.5, hi: float = 0
 
 
 # ---------------------------------------------------------------------------------------------- facts
-def _eval_subjects(data_root: Path) -> set[str]:
-    subjects: set[str] = set()
+def _eval_records(data_root: Path) -> list[dict]:
+    """Every record of the evaluation sets (CounterFact and ZsRE JSON files under `data_root`)."""
+    records: list[dict] = []
     for path in list((data_root / "counterfact").glob("*.json")) + list((data_root / "zsre").glob("*.json")):
         try:
-            records = json.loads(path.read_text())
+            records += json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        for r in records:
-            s = r.get("subject") or (r.get("requested_rewrite") or {}).get("subject")
-            if s:
-                subjects.add(s.strip().lower())
-    return subjects
+    return records
+
+
+def _eval_subjects(data_root: Path) -> set[str]:
+    """Lower-cased subjects of the evaluation sets."""
+    subjects = (r.get("subject") or (r.get("requested_rewrite") or {}).get("subject") for r in _eval_records(data_root))
+    return {s.strip().lower() for s in subjects if s}
 
 
 def _eval_answers(data_root: Path) -> set[str]:
     """Lower-cased answers of the evaluation sets (CounterFact new/true objects, ZsRE alt/answers)."""
     answers: set[str] = set()
-    for path in list((data_root / "counterfact").glob("*.json")) + list((data_root / "zsre").glob("*.json")):
-        try:
-            records = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        for r in records:
-            rw = r.get("requested_rewrite") or {}
-            found = [(rw.get("target_new") or {}).get("str"), (rw.get("target_true") or {}).get("str")]
-            found += [r.get("alt"), r.get("target_new")] + list(r.get("answers") or [])
-            answers.update(a.strip().lower() for a in found if isinstance(a, str) and a.strip())
+    for r in _eval_records(data_root):
+        rw = r.get("requested_rewrite") or {}
+        found = [(rw.get("target_new") or {}).get("str"), (rw.get("target_true") or {}).get("str")]
+        found += [r.get("alt"), r.get("target_new")] + list(r.get("answers") or [])
+        answers.update(a.strip().lower() for a in found if isinstance(a, str) and a.strip())
     return answers
 
 
