@@ -33,16 +33,11 @@ from zsre_answer_types import answer_kind, object_labels  # noqa: E402
 
 from larimar.eval.data import load_zsre_mend  # noqa: E402
 from larimar.modeling.model import Larimar  # noqa: E402
-from larimar.training.data import (  # noqa: E402
-    _eval_answers,
-    _eval_subjects,
-    is_validation,
-    load_relations,
-    read_documents,
-    word_spans,
-)
+from larimar.training.data import _eval_subjects, corpus_spans, load_relations  # noqa: E402
 
 POSITIONS = 4
+
+
 def targets(tok, names: list[str]) -> torch.Tensor:
     """(N, POSITIONS) token ids of " " + name, -100 past its end."""
     out = torch.full((len(names), POSITIONS), -100, dtype=torch.long)
@@ -105,9 +100,8 @@ def main() -> None:
     rng.shuffle(train_names)
     train_names = train_names[: args.max_train]
     if args.text_spans:
-        docs = [t for d, t in read_documents(args.data / "text") if not is_validation(d, 0.05)]  # stage 1c's spans
-        skip = banned | _eval_answers(args.data) | {x.lower() for x in train_names}
-        spans = word_spans(docs, args.text_spans, args.seed, exclude=skip)
+        skip = banned | {x.lower() for x in train_names}  # (corpus_spans also drops every evaluation answer)
+        spans = corpus_spans(args.data / "text", args.text_spans, args.seed, exclude_eval_from=args.data, exclude=skip)
         train_names = train_names + spans
         rng.shuffle(train_names)
     print(f"pool {len(pool)} names, {len(train_names)} for training, {len(test_names)} ZsRE answers tested", flush=True)

@@ -171,11 +171,11 @@ def run_warmstart(model, train_cfg: dict, directory: Path, *, resume: bool = Tru
     torch.manual_seed(d["seed"])
     pool = d.get("object_pool", "relation")
     # one sampler for cloze and question items: question templates change no cloze draw
-    spans = d.get("open_text_spans", 0)  # word spans of the text corpus joining the open object pool
+    open_spans = d.get("open_text_spans", 0)  # word spans of the text corpus joining the open object pool
     sampler = EpisodeSampler(
-        d["text_root"] if spans else None, d["pararel_root"], split="train", fact_fraction=1.0, seed=d["seed"],
+        d["text_root"] if open_spans else None, d["pararel_root"], split="train", fact_fraction=1.0, seed=d["seed"],
         exclude_eval_from=d.get("exclude_eval_from"), question_templates=d.get("question_templates"), object_pool=pool,
-        unknown_prob=d.get("unknown_object_prob", 0.0), open_text_spans=spans,
+        unknown_prob=d.get("unknown_object_prob", 0.0), open_text_spans=open_spans,
     )
     distractors = None
     if d.get("text_root") and w["distractor_sentence_prob"] > 0:
@@ -186,13 +186,13 @@ def run_warmstart(model, train_cfg: dict, directory: Path, *, resume: bool = Tru
         **{k: d.get(k) for k in ("pararel_root", "text_root", "exclude_eval_from")},
         **({"object_pool": pool} if pool != "relation" else {}),  # (absent from older caches' keys)
         **({"unknown_object_prob": d["unknown_object_prob"]} if d.get("unknown_object_prob") else {}),
-        **({"open_text_spans": spans} if spans else {}),
+        **({"open_text_spans": open_spans} if open_spans else {}),
         **{k: v for k, v in kw.items() if k != "distractor_sentences"},
     }
 
-    def cached_sets(name: str, key: dict, n_train: int, n_val: int, seed: int, **build_kw) -> tuple:
-        """(train, val) decoder-state sets from `directory/name` if its key matches (and it holds value
-        embeddings where the config needs them), else built (train: `seed`, val: `seed + 1`) and saved."""
+    def cached(name: str, key: dict, build) -> tuple:
+        """(train, val) sets from `directory/name` if its key matches (and it holds value embeddings
+        where the config needs them), else `build()`'s (train, val), saved there atomically."""
         path = directory / name
         sets = torch.load(path, weights_only=False) if resume and path.is_file() else None
         if sets is not None and model.config.value_writes and any(sets[s].emb_value is None for s in ("train", "val")):
@@ -201,16 +201,20 @@ def run_warmstart(model, train_cfg: dict, directory: Path, *, resume: bool = Tru
         if sets is not None and sets.get("key") == key:
             print(f"warm start: reusing cached decoder states {path}")
         else:
-            sets = {
-                "key": key,
-                "train": build_set(model, sampler, n_train, seed=seed, **build_kw, **kw),
-                "val": build_set(model, sampler, n_val, seed=seed + 1, **build_kw, **kw),
-            }
+            train, val = build()
+            sets = {"key": key, "train": train, "val": val}
             directory.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             torch.save(sets, tmp)
             tmp.replace(path)
         return sets["train"], sets["val"]
+
+    def cached_sets(name: str, key: dict, n_train: int, n_val: int, seed: int, **build_kw) -> tuple:
+        """Decoder-state sets of fact items (train: `seed`, val: `seed + 1`), through `cached`."""
+        return cached(name, key, lambda: (
+            build_set(model, sampler, n_train, seed=seed, **build_kw, **kw),
+            build_set(model, sampler, n_val, seed=seed + 1, **build_kw, **kw),
+        ))
 
     # the cached decoder states (the costly part), kept for reruns
     train_set, val_set = cached_sets("sets.pt", key, w["items"], w["val_items"], d["seed"])
@@ -231,24 +235,17 @@ def run_warmstart(model, train_cfg: dict, directory: Path, *, resume: bool = Tru
             raise ValueError("warmstart.spelling_items > 0 needs data.text_root")
         n_sp, n_sv = w["spelling_items"], w["spelling_val_items"]
         sp_key = {**key, "spelling_items": n_sp, "spelling_val_items": n_sv, "question_items": w.get("question_items", 0)}
-        path = directory / "sets_spelling.pt"
-        sets = torch.load(path, weights_only=False) if resume and path.is_file() else None
-        if sets is not None and sets.get("key") == sp_key:
-            print(f"warm start: reusing spelling items {path}")
-        else:
-            spans = corpus_spans(d["text_root"], n_sp + n_sv, d["seed"] + 5, exclude_eval_from=d.get("exclude_eval_from"))
-            if len(spans) < n_sp + n_sv:
-                raise ValueError(f"warmstart.spelling_items: the corpus gave {len(spans)} spans, fewer than {n_sp + n_sv}")
-            sets = {
-                "key": sp_key,
-                "train": spelling_set(model, train_set, spans[n_sv:], seed=d["seed"]),
-                "val": spelling_set(model, val_set, spans[:n_sv], seed=d["seed"] + 1),
-            }
-            directory.mkdir(parents=True, exist_ok=True)
-            torch.save(sets, path.with_suffix(".tmp"))
-            path.with_suffix(".tmp").replace(path)
-        spelling = sets["train"]
-        extra_val["spelling"] = sets["val"]
+
+        def build_spelling() -> tuple:
+            objects = corpus_spans(d["text_root"], n_sp + n_sv, d["seed"] + 5, exclude_eval_from=d.get("exclude_eval_from"))
+            if len(objects) < n_sp + n_sv:
+                raise ValueError(f"warmstart.spelling_items: the corpus gave {len(objects)} spans, fewer than {n_sp + n_sv}")
+            return (
+                spelling_set(model, train_set, objects[n_sv:], seed=d["seed"]),
+                spelling_set(model, val_set, objects[:n_sv], seed=d["seed"] + 1),
+            )
+
+        spelling, extra_val["spelling"] = cached("sets_spelling.pt", sp_key, build_spelling)
     history = train_warmstart(
         model,
         train_set,

@@ -172,12 +172,20 @@ def word_spans(texts: list[str], n: int, seed: int = 0, *, exclude: set[str] | N
 
 
 def corpus_spans(
-    text_root: str | Path, n: int, seed: int = 0, *, exclude_eval_from: str | Path | None = None, val_fraction: float = 0.05
+    text_root: str | Path,
+    n: int,
+    seed: int = 0,
+    *,
+    exclude_eval_from: str | Path | None = None,
+    val_fraction: float = 0.05,
+    exclude: set[str] | None = None,
 ) -> list[str]:
     """`word_spans` of the *training* documents under `text_root`, without the subjects and answers of
-    the evaluation sets under `exclude_eval_from`."""
+    the evaluation sets under `exclude_eval_from` (and the lower-cased strings in `exclude`)."""
     docs = [t for d, t in read_documents(text_root) if not is_validation(d, val_fraction)]
-    banned = (_eval_subjects(Path(exclude_eval_from)) | _eval_answers(Path(exclude_eval_from))) if exclude_eval_from else set()
+    banned = set(exclude or ())
+    if exclude_eval_from:
+        banned |= _eval_subjects(Path(exclude_eval_from)) | _eval_answers(Path(exclude_eval_from))
     return word_spans(docs, n, seed, exclude=banned)
 
 
