@@ -34,7 +34,7 @@ run eval counterfact --method prompt   --n 100 --out "$R/cf_prompt"
 run eval counterfact --method ike      --n 87  --out "$R/cf_ike"   # 50 in session 6, resumed to 87 in session 9
 run eval counterfact --method grace    --n 100 --out "$R/cf_grace"
 run eval counterfact --method ft_l     --n 100 --out "$R/cf_ft_l"   # 30 in session 6, 100 in session 9
-run eval counterfact --method rome     --n 50  --out "$R/cf_rome"   # 30 in session 6, 50 in session 9
+run eval counterfact --method rome     --n 100 --out "$R/cf_rome"   # 30 in session 6, 50 in session 9, 100 in session 10
 run eval counterfact --method larimar  --n 500 --out "$R/cf_larimar_1reph" --set n_rephrases=1
 run eval counterfact --method larimar  --n 500 --out "$R/cf_larimar_2reph" --set n_rephrases=2  # + a PARAREL rephrasing
 run eval leakage     --n 30 --systems base,larimar --out "$R/leakage"
