@@ -31,7 +31,7 @@ run eval batch       --memory-sizes 512 --sizes 16,256,512,1024,2048 --eval-n 50
 run eval batch       --memory-sizes 256 --sizes 1,16,64,256,512,1024 --eval-n 50 --out "$R/batch_k256"
 run eval batch       --memory-sizes 1024 --sizes 1,16,64,256,512,1024,2048 --eval-n 50 --out "$R/batch_k1024"
 run eval counterfact --method prompt   --n 100 --out "$R/cf_prompt"
-run eval counterfact --method ike      --n 87  --out "$R/cf_ike"   # 50 in session 6, resumed to 87 in session 9
+run eval counterfact --method ike      --n 100 --out "$R/cf_ike"   # 50 in session 6, 87 in session 9, 100 in session 10
 run eval counterfact --method grace    --n 100 --out "$R/cf_grace"
 run eval counterfact --method ft_l     --n 100 --out "$R/cf_ft_l"   # 30 in session 6, 100 in session 9
 run eval counterfact --method rome     --n 100 --out "$R/cf_rome"   # 30 in session 6, 50 in session 9, 100 in session 10
