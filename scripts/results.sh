@@ -58,6 +58,6 @@ echo "=== $(date +%T) value probe"
 .venv/bin/python scripts/value_probe.py --epochs 6 --out reports/value_probe_names.json
 .venv/bin/python scripts/value_probe.py --text-spans 60000 --epochs 2 --out reports/value_probe_spans.json
 .venv/bin/python scripts/value_probe.py --text-spans 60000 --epochs 6 --out reports/value_probe_spans_6ep.json                    # session 10
-.venv/bin/python scripts/value_probe.py --text-spans 60000 --epochs 6 --train-encoder --out reports/value_probe_spans_encoder.json  # session 10, ~31 min
+.venv/bin/python scripts/value_probe.py --text-spans 60000 --epochs 6 --train-encoder --scope-cases 500 --out reports/value_probe_spans_encoder.json  # session 10, ~33 min
 echo "=== $(date +%T) python scripts/key_slots_demo.py"; .venv/bin/python scripts/key_slots_demo.py --out reports/key_slots_demo.json
 echo "=== $(date +%T) done"

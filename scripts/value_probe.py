@@ -34,7 +34,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zsre_answer_types import answer_kind, object_labels  # noqa: E402
 
-from larimar.eval.data import load_zsre_mend  # noqa: E402
+from larimar.eval.data import load_counterfact_rome, load_zsre_mend  # noqa: E402
 from larimar.modeling.model import Larimar  # noqa: E402
 from larimar.training.data import _eval_subjects, corpus_spans, load_relations  # noqa: E402
 
@@ -77,6 +77,26 @@ def accuracy(probe: Probe, e: torch.Tensor, y: torch.Tensor, W: torch.Tensor) ->
     return right[:, 0].float(), right.sum(1).float() / valid.sum(1).clamp(min=1).float()
 
 
+@torch.no_grad()
+def scope_auc(encoder, cases) -> dict[str, float]:
+    """Does the encoder still tell a fact's paraphrases from its neighbours (what addressing and the scope detector need)?
+
+    Pooled over `cases`: AUC of cos(embed(rewrite prompt), embed(x)) for x a paraphrase prompt (positive)
+    against x a neighbourhood prompt (negative), and the mean cosines of each.
+    """
+    def unit(texts: list[str]) -> torch.Tensor:
+        return nn.functional.normalize(encoder.embed(texts).float(), dim=-1)  # (N, H)
+
+    anchor = unit([c.prompt for c in cases])  # (Ncase, H)
+    pos, neg = [], []
+    for i, c in enumerate(cases):
+        pos.append(unit(c.paraphrase_prompts) @ anchor[i])
+        neg.append(unit(c.neighborhood_prompts) @ anchor[i])
+    pos, neg = torch.cat(pos), torch.cat(neg)  # (P,), (Q,)
+    wins = (pos[:, None] > neg[None, :]).float().mean() + 0.5 * (pos[:, None] == neg[None, :]).float().mean()
+    return {"auc": float(wins), "cos_paraphrase": float(pos.mean()), "cos_neighbour": float(neg.mean())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))
@@ -87,6 +107,8 @@ def main() -> None:
     ap.add_argument("--text-spans", type=int, default=0, help="also train on N word spans of the generic text corpus")
     ap.add_argument("--train-encoder", action="store_true", help="fine-tune the MiniLM encoder with the probe (a value encoder's ceiling)")
     ap.add_argument("--encoder-lr", type=float, default=5e-5)
+    ap.add_argument("--scope-cases", type=int, default=0,
+                    help="also measure paraphrase-vs-neighbour AUC of the encoder on the first N CounterFact cases, before and after training")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("reports/value_probe.json"))
     args = ap.parse_args()
@@ -112,6 +134,10 @@ def main() -> None:
     print(f"pool {len(pool)} names, {len(train_names)} for training, {len(test_names)} ZsRE answers tested", flush=True)
 
     encoder = model.encoder
+    scope_cases = load_counterfact_rome(args.data / "counterfact" / "counterfact-rome.json", n=args.scope_cases) if args.scope_cases else []
+    scope_before = scope_auc(encoder, scope_cases) if scope_cases else None
+    if scope_before:
+        print(f"scope AUC before: {scope_before}", flush=True)
     encode = lambda names: encoder.embed(names).float()  # noqa: E731  (N,) -> (N, H)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -166,6 +192,10 @@ def main() -> None:
         history.append(rec)
         print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()), flush=True)
 
+    encoder.model.eval()
+    scope_after = scope_auc(encoder, scope_cases) if scope_cases else None
+    if scope_after:
+        print(f"scope AUC after: {scope_after}", flush=True)
     labels = object_labels(args.data / "pararel")
     kinds: dict[str, list[int]] = {}
     for i, name in enumerate(test_names):
@@ -184,6 +214,8 @@ def main() -> None:
         "history": history,
         "zsre_by_kind": by_kind,
     }
+    if scope_cases:
+        result["scope_counterfact"] = {"cases": len(scope_cases), "before": scope_before, "after": scope_after}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print("| answer | cases | first token right | token accuracy (first 4 tokens) |\n| --- | --- | --- | --- |")
