@@ -205,7 +205,7 @@ def main() -> None:
         for k, ix in kinds.items()
     }
     result = {
-        "what": "probe from the frozen MiniLM embedding of an answer to its first 4 SmolLM2 tokens (no decoder forward)",
+        "what": f"probe from the {'fine-tuned' if args.train_encoder else 'frozen'} MiniLM embedding of an answer to its first 4 SmolLM2 tokens (no decoder forward)",
         "train_names": len(e_tr),
         "encoder_trained": args.train_encoder,
         "text_spans": args.text_spans,
