@@ -138,30 +138,34 @@ def main() -> None:
     scope_before = scope_auc(encoder, scope_cases) if scope_cases else None
     if scope_before:
         print(f"scope AUC before: {scope_before}", flush=True)
-    encode = lambda names: encoder.embed(names).float()  # noqa: E731  (N,) -> (N, H)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        e_train = encode(train_names)
-        e_test = encode(test_names)
-    print(f"encoded in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    def encode(names: list[str]) -> torch.Tensor:
+        return encoder.embed(names).float()  # (N,) -> (N, H)
+
     y_train, y_test = targets(tok, train_names), targets(tok, test_names)
     n_val = min(2000, len(train_names) // 10)
     val_names, tr_names = train_names[:n_val], train_names[n_val:]
-    e_val, y_val = e_train[:n_val], y_train[:n_val]
-    e_tr, y_tr = e_train[n_val:], y_train[n_val:]
+    y_val, y_tr = y_train[:n_val], y_train[n_val:]
+    if not args.train_encoder:  # (a trained encoder encodes each name where it is used: batches, and every epoch's eval)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            e_train = encode(train_names)
+            e_test = encode(test_names)
+        print(f"encoded in {time.perf_counter() - t0:.0f} s", flush=True)
+        e_val, e_tr = e_train[:n_val], e_train[n_val:]
 
-    probe = Probe(e_train.shape[1], W.shape[1])
+    probe = Probe(encoder.model.config.hidden_size, W.shape[1])
     groups = [{"params": list(probe.parameters()), "lr": 1e-3}]
     if args.train_encoder:
         encoder.model.train().requires_grad_(True)
         groups.append({"params": list(encoder.model.parameters()), "lr": args.encoder_lr})
     opt = torch.optim.AdamW(groups, weight_decay=0.01)
-    steps = args.epochs * ((len(e_tr) + 255) // 256)
+    steps = args.epochs * ((len(tr_names) + 255) // 256)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=steps, pct_start=0.05)
     history = []
     t0 = time.perf_counter()
     for epoch in range(args.epochs):
-        perm = torch.randperm(len(e_tr))
+        perm = torch.randperm(len(tr_names))
         total = 0.0
         for i in range(0, len(perm), 256):
             b = perm[i : i + 256]
@@ -183,7 +187,7 @@ def main() -> None:
         rec = {
             "epoch": epoch + 1,
             "minutes": round((time.perf_counter() - t0) / 60, 2),
-            "train_ce": total / len(e_tr),
+            "train_ce": total / len(tr_names),
             "heldout_pool_first": float(first_val.mean()),
             "heldout_pool_token_acc": float(acc_val.mean()),
             "zsre_first": float(first_test.mean()),
@@ -206,7 +210,7 @@ def main() -> None:
     }
     result = {
         "what": f"probe from the {'fine-tuned' if args.train_encoder else 'frozen'} MiniLM embedding of an answer to its first 4 SmolLM2 tokens (no decoder forward)",
-        "train_names": len(e_tr),
+        "train_names": len(tr_names),
         "encoder_trained": args.train_encoder,
         "text_spans": args.text_spans,
         "heldout_pool_names": n_val,
