@@ -71,6 +71,12 @@ def save_scope_idf(directory: str | Path, idf: dict[str, float]) -> Path:
     return path
 
 
+def load_scope_idf(directory: str | Path) -> dict[str, float] | None:
+    """The IDF table `save_scope_idf` wrote into `directory`, or None where there is none."""
+    path = Path(directory) / SCOPE_IDF_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 class Larimar(nn.Module):
     """Editable episodic memory around any HF encoder and causal LM."""
 
@@ -138,9 +144,9 @@ class Larimar(nn.Module):
         model = cls(config, enc, enc_tok, dec, dec_tok, init_prefix=False)
         weights = load_file(str(directory / ADAPTER_FILE))
         model.load_adapter_state(weights)
-        idf_path = directory / SCOPE_IDF_FILE
-        if idf_path.is_file():
-            model.set_scope_idf(json.loads(idf_path.read_text()))
+        idf = load_scope_idf(directory)
+        if idf is not None:
+            model.set_scope_idf(idf)
         elif config.scope_lexical_weight > 0:
             log.warning("%s: no %s, the scope detector weighs every token alike", directory, SCOPE_IDF_FILE)
         return model

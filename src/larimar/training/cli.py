@@ -129,17 +129,17 @@ def _inherit_scope(model, init_dir: Path, *, keep_latents: bool) -> None:
     """
     import json
 
-    from larimar.modeling.model import CONFIG_FILE, SCOPE_IDF_FILE
+    from larimar.modeling.model import CONFIG_FILE, load_scope_idf
 
-    cfg_path, idf_path = init_dir / CONFIG_FILE, init_dir / SCOPE_IDF_FILE
+    cfg_path, idf = init_dir / CONFIG_FILE, load_scope_idf(init_dir)
     if cfg_path.is_file():
         init_cfg = json.loads(cfg_path.read_text())
         keep = {k: init_cfg[k] for k in ("scope_threshold", "scope_lexical_weight") if k in init_cfg}
         model.config = model.config.replace(**keep)
         model.configure_scope()
-    if idf_path.is_file():
-        model.set_scope_idf(json.loads(idf_path.read_text()))
-    if not keep_latents and (cfg_path.is_file() or idf_path.is_file()):
+    if idf is not None:
+        model.set_scope_idf(idf)
+    if not keep_latents and (cfg_path.is_file() or idf is not None):
         print("warm start: the encoder head trains, so the inherited scope threshold is only a starting point: recalibrate it (larimar scope)")
 
 
