@@ -578,3 +578,123 @@ def test_run_warmstart_inherits_the_initial_scope_detector(corpus, tmp_path, cap
     assert (saved["scope_threshold"], saved["scope_lexical_weight"]) == (0.42, 0.3)
     assert json.loads((tmp_path / "ws" / SCOPE_IDF_FILE).read_text()) == {"paris": 2.5}
     assert ("recalibrate" in capsys.readouterr().out) == train_latents
+
+
+# ------------------------------------------------------------------ stage 2 as the editors write (value encoder)
+def value_model(**over) -> Larimar:
+    cfg = LarimarConfig(**{**MODEL_CFG, "keyed_writes": True, "value_writes": True, "value_encoder_layers": 1, **over})
+    return Larimar(cfg, tiny_bert(), tiny_bert_tokenizer(), tiny_llama(kv_heads=1), tiny_tokenizer(pad_token=True))
+
+
+def test_sampler_rephrase_and_questions_set_ask(corpus, tmp_path):
+    text, pr = corpus
+    with open(pr / "graphs_json" / "P1.jsonl", "a") as f:  # a second cloze pattern to rephrase with
+        f.write(json.dumps({"pattern": "The birthplace of [X] is [Y]."}) + "\n")
+    questions = tmp_path / "q.json"
+    questions.write_text(json.dumps({"P1": "Where was [X] born?"}))
+    s = EpisodeSampler(text, pr, fact_fraction=1.0, val_fraction=0.0, seed=0, question_templates=questions, rephrase_prob=1.0, question_prob=0.5)
+    items = s.episode(40)
+    assert all(it.ask is not None and it.ask != it.query and it.asked == it.ask for it in items)
+    assert any(it.query.startswith("Where was") for it in items) and any(not it.query.startswith("Where was") for it in items)
+    for it in items:  # the same subject in the written and the asked query
+        subject = next(w for w in ("Person 0", "Person 1", "Person 2", "Person 3") if w in it.query)
+        assert subject in it.ask
+    plain = EpisodeSampler(text, pr, fact_fraction=1.0, val_fraction=0.0, seed=0).episode(10)
+    again = EpisodeSampler(text, pr, fact_fraction=1.0, val_fraction=0.0, seed=0, rephrase_prob=0.0).episode(10)
+    assert plain == again and all(it.ask is None for it in plain)  # off: the draws of earlier versions
+
+
+def test_tokenize_items_uses_the_asked_query():
+    tok = tiny_tokenizer(pad_token=True)
+    out = tokenize_items(tok, [Item("Alpha beta is", " Paris", "fact", ask="Where is alpha beta?")], 64, 0.25, "cpu")
+    want = tok("Where is alpha beta? Paris", add_special_tokens=False)["input_ids"]
+    assert out["input_ids"][0, : len(want)].tolist() == want
+
+
+def test_value_encoder_trains_top_blocks_only_and_round_trips(tmp_path):
+    m = value_model()
+    enc = m.encoder
+    trainable = {n for n, p in enc.value_model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("encoder.layer.1.") for n in trainable)  # tiny BERT: 2 blocks, the top one trains
+    state = m.adapter_state()
+    saved = {k for k in state if k.startswith("encoder.value_model.")}
+    assert saved == {"encoder.value_model." + n for n in trainable}
+    # before training, values encode exactly as through the frozen encoder
+    texts = ["Paris", "the Battle of Hastings"]
+    assert torch.allclose(enc.encode_values(texts), enc(texts), atol=1e-6)
+    with torch.no_grad():
+        for n, p in enc.value_model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    moved = enc.encode_values(texts)
+    assert not torch.allclose(moved, enc(texts), atol=1e-3)
+    m.save_pretrained(tmp_path / "a")
+    again = Larimar(m.config, tiny_bert(), tiny_bert_tokenizer(), tiny_llama(kv_heads=1), tiny_tokenizer(pad_token=True), init_prefix=False)
+    from safetensors.torch import load_file
+
+    again.load_adapter_state(load_file(str(tmp_path / "a" / "adapter.safetensors")))
+    assert torch.allclose(again.encoder.encode_values(texts), moved, atol=1e-6)
+    assert torch.allclose(again.encoder(texts), enc(texts), atol=1e-6)  # keys and queries untouched
+
+
+def test_value_writes_store_value_encoder_latents():
+    m = value_model()
+    with torch.no_grad():
+        for p in m.encoder.value_model.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn_like(p))
+    m.write_facts(["Alpha beta is Paris."], ["Alpha beta is"])
+    stored = m.facts.state.M  # one keyed fact: M = w^T (w w^T + λ)^-1 z  ->  z = read(key) up to the ridge
+    assert stored.abs().sum() > 0
+    z = m.read_latents(m.encoder(["Alpha beta is"]))
+    zv, zf = m.encoder.encode_values(["Paris"]).double(), m.encoder(["Paris"]).double()
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(z.double(), zv).item() > 0.99 and cos(z.double(), zv).item() > cos(z.double(), zf).item() + 1e-3
+
+
+def test_stage2_keyed_value_step_trains_chosen_parts_only(corpus):
+    text, pr = corpus
+    cfg = {
+        "data": {"text_root": str(text), "pararel_root": str(pr), "exclude_eval_from": None, "keyed": True, "value_writes": True,
+                 "rephrase_prob": 0.5, "fact_period": True, "n_ae": 1, "n_lm": 1},
+        "trainable": ["prefix", "value_encoder"],
+        "optim": {"lr": 3e-2, "encoder_lr": 1e-3, "warmup_steps": 1},
+    }
+    m = value_model()
+    module = LarimarLightning(m.config.to_dict(), cfg, model=m)
+    module.train()
+    assert not m.encoder.value_model.training and not m.decoder.training  # base models never in train mode
+    head, M0 = m.encoder.head.weight.clone(), m.M0.detach().clone()
+    value_before = {n: p.detach().clone() for n, p in m.encoder.value_model.named_parameters()}
+    sampler = EpisodeSampler(text, pr, val_fraction=0.0, seed=0, rephrase_prob=0.5)
+    batch = {"items": sampler.episode(4), "lm": [sampler.text_chunk()]}
+    opt = module.configure_optimizers()["optimizer"]
+    losses = []
+    for _ in range(40):
+        out = module.episode_losses(batch, 0)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(float(out["nll_mem"].detach()))
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert torch.equal(head, m.encoder.head.weight) and torch.equal(M0, m.M0)  # latents not in `trainable`
+    changed = {n for n, p in m.encoder.value_model.named_parameters() if not torch.equal(p, value_before[n])}
+    assert changed and all(n.startswith("encoder.layer.1.") for n in changed)
+    with pytest.raises(ValueError, match="unknown parts"):
+        LarimarLightning(m.config.to_dict(), {"trainable": ["decoder"]}, model=m)
+
+
+def test_stage2_init_adapter_keeps_the_start_exact(corpus, tmp_path):
+    """A stage-2 run from a saved adapter without value blocks starts from exactly that adapter."""
+    from larimar.training.cli import init_stage2
+
+    plain = value_model(value_encoder_layers=0)
+    with torch.no_grad():
+        plain.M0.add_(0.3)
+    plain.save_pretrained(tmp_path / "init")
+    m = value_model()
+    module = LarimarLightning(m.config.to_dict(), {"trainable": ["prefix"]}, model=m)
+    init_stage2(module, tmp_path / "init")
+    assert torch.equal(m.M0, plain.M0)
+    texts = ["Paris"]
+    assert torch.allclose(m.encoder.encode_values(texts), plain.encoder(texts), atol=1e-6)

@@ -44,6 +44,7 @@ class LarimarConfig:
     sigma_w: float = 0.0  # read-time noise on W (robustness experiments)
     keyed_writes: bool = False  # editors that know each fact's prompt address the fact by the prompt's latent
     value_writes: bool = False  # keyed writes store the fact's value (text after the prompt), not the whole fact
+    value_encoder_layers: int = 0  # > 0: values are encoded by a copy of the encoder whose top N blocks are trained (LatentEncoder)
     # scope detector (paper §4)
     scope_threshold: float = 0.65  # near the equal-error point on CounterFact dev (larimar scope)
     use_scope_detector: bool = True
@@ -69,6 +70,8 @@ class LarimarConfig:
         for name in ("latent_size", "memory_size", "prefix_len", "prefix_hidden", "output_hidden", "output_heads", "max_encoder_tokens"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"LarimarConfig.{name} must be positive, got {getattr(self, name)}")
+        if int(self.value_encoder_layers) < 0:
+            raise ValueError(f"LarimarConfig.value_encoder_layers must be >= 0, got {self.value_encoder_layers}")
         if self.ridge <= 0:
             raise ValueError(f"LarimarConfig.ridge must be positive, got {self.ridge}")
         if not 0.0 <= self.scope_threshold <= 1.0:

@@ -84,7 +84,10 @@ class Larimar(nn.Module):
         super().__init__()
         self.config = config
         C, K = config.latent_size, config.memory_size
-        self.encoder = LatentEncoder(encoder, encoder_tokenizer, C, pooling=config.pooling, max_tokens=config.max_encoder_tokens)
+        self.encoder = LatentEncoder(
+            encoder, encoder_tokenizer, C, pooling=config.pooling, max_tokens=config.max_encoder_tokens,
+            value_layers=config.value_encoder_layers,
+        )
         self.decoder = decoder
         for p in self.decoder.parameters():
             p.requires_grad_(False)
@@ -161,6 +164,8 @@ class Larimar(nn.Module):
                 continue
             if name.startswith("encoder.model.") and not train_encoder:
                 continue
+            if name.startswith("encoder.value_model.") and not self.encoder.is_value_weight(name[len("encoder.") :]):
+                continue  # the value encoder's frozen blocks are the base encoder's
             keep[name] = tensor
         return keep
 
@@ -347,12 +352,13 @@ class Larimar(nn.Module):
             values = check_texts(values, "write values")
             if len(values) != n:
                 raise ValueError(f"write: {n} texts but {len(values)} values")
-        # one encoder pass for texts, keys and values
-        Z, E = self.encoder.encode_with_embedding(texts + (keys or []) + (values or []), batch_size=batch_size)
+        # one encoder pass for texts, keys and values (values through the value encoder, if there is one)
+        own_values = values is not None and self.encoder.value_model is not None
+        Z, E = self.encoder.encode_with_embedding(texts + (keys or []) + ([] if own_values else values or []), batch_size=batch_size)
         if keys is not None:
             Z, E, Zk, Zv = Z[:n], E[:n], Z[n : 2 * n], Z[2 * n :]  # (N, C), (N, H), (N, C), (N, C) or (0, C)
             if values is not None:
-                Z = Zv
+                Z = self.encoder.encode_values(values, batch_size=batch_size) if own_values else Zv
         facts = self.facts.write(texts, Z, E, Zk)
         self.facts = facts
 

@@ -19,6 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", default=None, help="override train.output_dir")
     p.add_argument("--fast-dev-run", action="store_true", help="one training and one validation step, no checkpoints")
     p.add_argument("--no-resume", action="store_true", help="ignore OUTPUT/checkpoints/last.ckpt")
+    p.add_argument("--stop-after-minutes", type=float, default=None, help="override train.trainer.stop_after_minutes (rerun to resume)")
 
 
 def load_config(path: str | Path) -> tuple[dict, dict]:
@@ -58,6 +59,25 @@ def _progress_callback(every: int):
     return LineProgress()
 
 
+def _stop_after(minutes: float):
+    """Stop this process's training after `minutes` of wall time (a lease or session budget); the run
+    then saves `last.ckpt` and exports the adapter, and a later call resumes where it stopped."""
+    import time
+
+    import lightning as L
+
+    class StopAfter(L.Callback):
+        def on_train_start(self, trainer, module):
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if time.perf_counter() - self.t0 > 60 * minutes and not trainer.should_stop:
+                print(f"stopping after {minutes:g} min at step {trainer.global_step} (trainer.stop_after_minutes)", flush=True)
+                trainer.should_stop = True
+
+    return StopAfter()
+
+
 def build_trainer(train_cfg: dict, output: Path, *, fast_dev_run: bool = False):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -65,6 +85,8 @@ def build_trainer(train_cfg: dict, output: Path, *, fast_dev_run: bool = False):
 
     t = train_cfg["trainer"]
     callbacks = [_progress_callback(t["log_every_n_steps"])]
+    if t.get("stop_after_minutes"):
+        callbacks.append(_stop_after(float(t["stop_after_minutes"])))
     if not fast_dev_run:
         callbacks.append(
             ModelCheckpoint(dirpath=output / "checkpoints", save_last=True, every_n_train_steps=t["checkpoint_every_n_steps"], save_top_k=0)
@@ -97,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         train_cfg["trainer"]["max_steps"] = args.max_steps
     if args.output_dir is not None:
         train_cfg["output_dir"] = args.output_dir
+    if getattr(args, "stop_after_minutes", None) is not None:
+        train_cfg["trainer"]["stop_after_minutes"] = args.stop_after_minutes
     output = Path(train_cfg["output_dir"])
     output.mkdir(parents=True, exist_ok=True)
     module = LarimarLightning(model_cfg, train_cfg)
@@ -106,6 +130,9 @@ def run(args: argparse.Namespace) -> int:
     if ws_cfg["steps"] > 0 and not args.fast_dev_run:
         module.configure_model()
         run_warmstart(module.model, train_cfg, output / "warmstart", resume=not args.no_resume)
+    elif train_cfg.get("init_adapter"):
+        module.configure_model()
+        init_stage2(module, Path(train_cfg["init_adapter"]))
     if train_cfg["trainer"]["max_steps"] > 0:
         data = LarimarDataModule(train_cfg["data"])
         trainer = build_trainer(train_cfg, output, fast_dev_run=args.fast_dev_run)
@@ -114,10 +141,36 @@ def run(args: argparse.Namespace) -> int:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt)
         if args.fast_dev_run or trainer.global_rank != 0:
             return 0
+        if trainer.global_step < trainer.max_steps:  # stopped early (stop_after_minutes): keep the state to resume
+            trainer.save_checkpoint(output / "checkpoints" / "last.ckpt")
     module.configure_model()
     export_adapter(module, output / "adapter")
     print(f"adapter exported to {output / 'adapter'}")
     return 0
+
+
+def load_initial_adapter(model, init: Path) -> Path:
+    """Load an adapter (directory or .safetensors) into `model`; a 1-head output offset is expanded to
+    the model's heads, and value-encoder blocks the file lacks keep their initial values (the base
+    encoder's), so a model with a fresh value encoder starts out computing what the file's did.
+    Returns the directory the adapter came from."""
+    from safetensors.torch import load_file
+
+    path = init / "adapter.safetensors" if init.is_dir() else init
+    state = {k: v.float() for k, v in load_file(str(path)).items()}
+    if model.out_offset is not None:
+        state = model.out_offset.expand_state(state, prefix="out_offset.")
+    if not any(k.startswith("encoder.value_model.") for k in state):
+        state.update({k: v for k, v in model.adapter_state().items() if k.startswith("encoder.value_model.")})
+    model.load_adapter_state(state)
+    print(f"initialised from {path}")
+    return path.parent
+
+
+def init_stage2(module, init: Path) -> None:
+    """Stage 2 from a trained adapter (`train.init_adapter`), inheriting its scope detector."""
+    directory = load_initial_adapter(module.model, init)
+    _inherit_scope(module.model, directory, keep_latents=not module.trains("latents"))
 
 
 def _inherit_scope(model, init_dir: Path, *, keep_latents: bool) -> None:
@@ -160,14 +213,8 @@ def run_warmstart(model, train_cfg: dict, directory: Path, *, resume: bool = Tru
         return
     w, d = train_cfg["warmstart"], train_cfg["data"]
     if w.get("init_adapter"):
-        init = Path(w["init_adapter"])
-        init = init / "adapter.safetensors" if init.is_dir() else init
-        state = {k: v.float() for k, v in load_file(str(init)).items()}
-        if model.out_offset is not None:
-            state = model.out_offset.expand_state(state, prefix="out_offset.")
-        model.load_adapter_state(state)
-        print(f"warm start: initialised from {init}")
-        _inherit_scope(model, init.parent, keep_latents=not w["train_latents"])
+        directory_in = load_initial_adapter(model, Path(w["init_adapter"]))
+        _inherit_scope(model, directory_in, keep_latents=not w["train_latents"])
     torch.manual_seed(d["seed"])
     pool = d.get("object_pool", "relation")
     # one sampler for cloze and question items: question templates change no cloze draw

@@ -32,10 +32,16 @@ class Item:
     query: str
     continuation: str  # starts with a space unless empty
     kind: str  # "text" | "fact"
+    ask: str | None = None  # the query a reader asks with, when it is not `query` (a rephrasing)
 
     @property
     def text(self) -> str:
         return self.query + self.continuation
+
+    @property
+    def asked(self) -> str:
+        """The query used to read this item back (`ask`, else the written `query`)."""
+        return self.query if self.ask is None else self.ask
 
 
 def detokenise_wikitext(text: str) -> str:
@@ -318,10 +324,15 @@ class EpisodeSampler:
         object_pool: str = "relation",
         unknown_prob: float = 0.0,
         open_text_spans: int = 0,
+        rephrase_prob: float = 0.0,
+        question_prob: float = 0.0,
     ):
         """`open_text_spans` > 0: that many `word_spans` of the *training* documents under `text_root`
         join the open object pool (answers and subjects of the evaluation sets under
-        `exclude_eval_from` removed); facts then need `object_pool` "open" or "mixed"."""
+        `exclude_eval_from` removed); facts then need `object_pool` "open" or "mixed".
+        `rephrase_prob`: chance that a fact item is asked (`Item.ask`) with another pattern of its
+        relation; `question_prob`: chance that a fact of a relation with a question template is
+        written as that question (`Relation.sample_with_rephrase`). Both 0: the draws of earlier versions."""
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         self.rng = random.Random(seed + (0 if split == "train" else 1))
@@ -345,6 +356,7 @@ class EpisodeSampler:
             for rel, relation in relations.items():
                 if is_validation("pararel#" + rel, val_fraction * 2) == (split == "val"):
                     self.relations.append(relation)
+        self.rephrase_prob, self.question_prob = rephrase_prob, question_prob
         self.fact_fraction = fact_fraction if self.relations else 0.0
         if not self.texts and not self.relations:
             raise ValueError("EpisodeSampler: no training material found (check text_root / pararel_root)")
@@ -353,7 +365,13 @@ class EpisodeSampler:
 
     def item(self) -> Item:
         if self.rng.random() < self.fact_fraction:
-            return self.rng.choice(self.relations).sample(self.rng)
+            relation = self.rng.choice(self.relations)
+            if self.rephrase_prob <= 0 and self.question_prob <= 0:
+                return relation.sample(self.rng)
+            item, other = relation.sample_with_rephrase(self.rng, self.question_prob)
+            if self.rng.random() < self.rephrase_prob:
+                return Item(item.query, item.continuation, item.kind, ask=other)
+            return item
         return split_item(self.rng.choice(self.texts), self.rng)
 
     def episode(self, size: int) -> list[Item]:

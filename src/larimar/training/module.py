@@ -50,6 +50,12 @@ TRAIN_DEFAULTS: dict[str, Any] = {
         "val_episodes": 16,
         "val_fraction": 0.05,
         "seed": 0,
+        # stage 2 as the editors write (all off: the paper's auto-associative episodes)
+        "keyed": False,  # write each item at the address of its query's latent (keyed writes)
+        "value_writes": False,  # keyed episodes store the latent of the item's continuation (its value)
+        "rephrase_prob": 0.0,  # fact items read back with another pattern of their relation
+        "question_prob": 0.0,  # fact items written as their relation's question (data.question_templates)
+        "fact_period": False,  # value episodes: fact rows end in "." (taught, so that generation stops)
     },
     "optim": {"lr": 1e-3, "base_lr": 1e-4, "encoder_lr": 2e-5, "weight_decay": 0.0, "warmup_steps": 50},
     "loss": {"beta_max": 0.5, "n_cycles": 10, "kl_weight": 1.0, "ae_weight": 1.0, "lm_weight": 1.0},
@@ -63,6 +69,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
         "log_every_n_steps": 10,
         "checkpoint_every_n_steps": 100,
         "gradient_clip_val": 1.0,
+        "stop_after_minutes": None,  # stop (checkpoint, export) after this much wall time; rerun to resume
     },
     "warmstart": {  # stage 1, decoder-free (larimar.training.warmstart); steps: 0 skips it
         "steps": 0,
@@ -87,8 +94,14 @@ TRAIN_DEFAULTS: dict[str, Any] = {
         "log_every": 100,
     },
     "train_encoder": False,
+    # stage 2: what trains (None: prefix, emb_offset, out_offset, latents, value_encoder where present);
+    # a list picks among those ("latents" = encoder head, M0, sigma_W)
+    "trainable": None,
+    "init_adapter": None,  # stage 2 without stage 1: start from this adapter (directory or .safetensors)
     "output_dir": "runs/small",
 }
+
+TRAINABLE_PARTS = ("prefix", "emb_offset", "out_offset", "latents", "value_encoder")
 
 
 def merge(defaults: dict, overrides: dict) -> dict:
@@ -136,6 +149,9 @@ class LarimarDataModule(L.LightningDataModule):
             object_pool=c.get("object_pool", "relation"),
             unknown_prob=c.get("unknown_object_prob", 0.0),
             open_text_spans=c.get("open_text_spans", 0),
+            question_templates=c.get("question_templates"),
+            rephrase_prob=c.get("rephrase_prob", 0.0),
+            question_prob=c.get("question_prob", 0.0),
         )
         self.train_sampler = EpisodeSampler(c["text_root"], split="train", **kw)
         try:
@@ -158,12 +174,13 @@ class LarimarDataModule(L.LightningDataModule):
 def tokenize_items(tokenizer, items: list[Item], max_tokens: int, context_weight: float, device) -> dict[str, torch.Tensor]:
     """Items -> right-padded input_ids, attention_mask and per-token loss weights (B, T).
 
-    Continuation tokens weigh 1, query tokens `context_weight`, padding 0.
+    A row is `item.asked + item.continuation`. Continuation tokens weigh 1, query tokens
+    `context_weight`, padding 0.
     """
     rows, weights = [], []
-    for it in items:
-        q = tokenizer(it.query, add_special_tokens=False)["input_ids"]
-        full = tokenizer(it.text, add_special_tokens=False)["input_ids"][:max_tokens]
+    for it in items:  # each row is the item as asked: its reading query + continuation
+        q = tokenizer(it.asked, add_special_tokens=False)["input_ids"]
+        full = tokenizer(it.asked + it.continuation, add_special_tokens=False)["input_ids"][:max_tokens]
         n_q = min(len(q), len(full))
         rows.append(full)
         weights.append([context_weight] * n_q + [1.0] * (len(full) - n_q))
@@ -233,6 +250,11 @@ class LarimarLightning(L.LightningModule):
         self.model_config = LarimarConfig.from_dict(model_config)
         self.train_cfg = merge(TRAIN_DEFAULTS, train_config)
         self.model = model
+        trainable = self.train_cfg.get("trainable")
+        if trainable is not None:
+            bad = sorted(set(trainable) - set(TRAINABLE_PARTS))
+            if bad:
+                raise ValueError(f"train.trainable: unknown parts {bad} (expected some of {TRAINABLE_PARTS})")
         if model is not None:
             self._freeze_encoder_if_needed()
         self.strict_loading = False  # checkpoints hold the adapter only, not the frozen base models
@@ -250,6 +272,37 @@ class LarimarLightning(L.LightningModule):
         if not self.train_cfg["train_encoder"]:
             for p in self.model.encoder.model.parameters():
                 p.requires_grad_(False)
+        for part, params in self._parts().items():  # parts left out of train.trainable get no gradient
+            for p in params:
+                p.requires_grad_(self.trains(part))
+
+    def trains(self, part: str) -> bool:
+        trainable = self.train_cfg.get("trainable")
+        return trainable is None or part in trainable
+
+    def _parts(self) -> dict[str, list[torch.nn.Parameter]]:
+        """The adapter's trainable parts (TRAINABLE_PARTS) -> their parameters."""
+        m = self.model
+        enc = m.encoder
+        value = [p for n, p in enc.value_model.named_parameters() if enc.is_value_weight("value_model." + n)] if enc.value_model is not None else []
+        return {
+            "prefix": list(m.kv_prefix.parameters()),
+            "emb_offset": list(m.emb_offset.parameters()) if m.emb_offset is not None else [],
+            "out_offset": list(m.out_offset.parameters()) if m.out_offset is not None else [],
+            "latents": list(enc.head.parameters()) + [m.M0, m.log_sigma_w],
+            "value_encoder": value,
+        }
+
+    def train(self, mode: bool = True):
+        """Train mode for the adapter only: the frozen base models (and the value encoder) stay in eval
+        mode, so that no dropout perturbs latents that inference computes without it."""
+        super().train(mode)
+        if self.model is not None:
+            self.model.decoder.eval()
+            self.model.encoder.model.eval()
+            if self.model.encoder.value_model is not None:
+                self.model.encoder.value_model.eval()
+        return self
 
     # ------------------------------------------------------------------ the objective
     def episode_losses(self, batch: dict[str, list[Item]], step: int | None = None) -> dict[str, torch.Tensor]:
@@ -257,23 +310,31 @@ class LarimarLightning(L.LightningModule):
         d, lc = self.train_cfg["data"], self.train_cfg["loss"]
         items, lm_items = batch["items"], batch["lm"]
         n_ae = min(d["n_ae"], len(items))
+        E = len(items)
         train_enc = self.train_cfg["train_encoder"]
+        keyed, values = bool(d.get("keyed")), bool(d.get("value_writes"))
+        if values and not keyed:
+            raise ValueError("train.data.value_writes needs train.data.keyed (a value write is a keyed write)")
+        asks = [it.asked for it in items]
         with torch.set_grad_enabled(train_enc and torch.is_grad_enabled()):
-            emb = m.encoder.embed([it.text for it in items] + [it.query for it in items])  # (2E, H)
-        Z, Q = m.encoder.head(emb.float()).chunk(2)  # (E, C) each
-        Wq, M = memory_readout(Z.float(), Q.float(), m.M0, self.model_config.ridge)
+            emb = m.encoder.embed([it.text for it in items] + [it.query for it in items] + asks)  # (3E, H)
+        Z, Qw, Q = m.encoder.head(emb.float()).chunk(3)  # (E, C) each: item, written query, asked query
+        if values:  # the stored latent is the continuation's (its value), through the value encoder if any
+            Z = m.encoder.encode_values([it.continuation.strip() or it.text for it in items]).float()  # (E, C)
+        Wq, M = memory_readout(Z, Q, m.M0, self.model_config.ridge, keys=Qw if keyed else None)
         log_sigma = m.log_sigma_w
         w = Wq + torch.exp(log_sigma) * torch.randn_like(Wq) if self.training else Wq
         z_r = w @ M  # (E, C), float32
         zeros = torch.zeros(len(lm_items), Z.shape[1], device=Z.device)
         z_all = torch.cat([z_r, Z[:n_ae], zeros])
-        q_all = torch.cat([Q, Q[:n_ae], zeros])  # the queries' own latents (output offset)
+        q_all = torch.cat([Q, Q[:n_ae], zeros])  # the asked queries' own latents (output offset)
+        if values and d.get("fact_period"):
+            items = [Item(it.query, it.continuation + ".", it.kind, it.ask) if it.kind == "fact" else it for it in items]
         rows = list(items) + list(items[:n_ae]) + list(lm_items)
         tok = tokenize_items(m.tokenizer, rows, d["max_tokens"], d["context_weight"], Z.device)
         cond = m.conditioning(z_all, q_all)
         logits = m.runner.forward(tok["input_ids"], tok["attention_mask"], cond).logits  # (B, T, V)
         ids, wts = tok["input_ids"], tok["weights"]
-        E = len(items)
         parts = {"mem": slice(0, E), "ae": slice(E, E + n_ae), "lm": slice(E + n_ae, len(rows))}
         out: dict[str, torch.Tensor] = {}
         for name, sl in parts.items():
@@ -310,17 +371,21 @@ class LarimarLightning(L.LightningModule):
     def configure_optimizers(self):
         o = self.train_cfg["optim"]
         m = self.model
-        groups = [
-            {"params": [m.kv_prefix.base], "lr": o["base_lr"]},
-            {"params": list(m.kv_prefix.slots.parameters()) + list(m.kv_prefix.out.parameters()), "lr": o["lr"]},
-            {"params": list(m.encoder.head.parameters()) + [m.M0, m.log_sigma_w], "lr": o["lr"]},
-        ]
-        if m.emb_offset is not None:
-            groups.append({"params": list(m.emb_offset.parameters()), "lr": o["lr"]})
-        if m.out_offset is not None:
-            groups.append({"params": list(m.out_offset.parameters()), "lr": o.get("output_lr", o["lr"])})
+        parts = self._parts()
+        groups = []
+        if self.trains("prefix"):
+            groups += [
+                {"params": [m.kv_prefix.base], "lr": o["base_lr"]},
+                {"params": list(m.kv_prefix.slots.parameters()) + list(m.kv_prefix.out.parameters()), "lr": o["lr"]},
+            ]
+        for part, lr in (("latents", o["lr"]), ("emb_offset", o["lr"]), ("out_offset", o.get("output_lr", o["lr"])),
+                         ("value_encoder", o.get("value_lr", o["encoder_lr"]))):
+            if self.trains(part) and parts[part]:
+                groups.append({"params": parts[part], "lr": lr})
         if self.train_cfg["train_encoder"]:
             groups.append({"params": list(m.encoder.model.parameters()), "lr": o["encoder_lr"]})
+        if not groups:
+            raise ValueError("train.trainable: nothing to train")
         opt = torch.optim.AdamW(groups, weight_decay=o["weight_decay"])
         warm = max(1, int(o["warmup_steps"]))
         total = max(warm + 1, int(self.train_cfg["trainer"]["max_steps"]))
