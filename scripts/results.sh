@@ -54,6 +54,14 @@ for T in small-spans:1c small-spans-frozen:1cf; do
   run eval counterfact --method larimar --model "$M" --n 200 --out "$R/cf_larimar_${S}_200_scope"
   run eval sequential  --model "$M" --n 1000 --eval-max 200 --eval-every 500 --methods larimar --addressing gaussian --out "$R/sequential_keyslots_$S"
 done
+# session 11: stage 2 on a GPU (configs/small-stage2.yaml; scripts/device_bundle.sh packs what a bare GPU machine needs),
+# then a CPU continuation with distractor sentences (configs/small-stage2-distract.yaml). The GPU run's
+# adapters (steps 2109, 4531, 6000) were kept as runs/stage2/s5, s6, s7 (config.json + adapter.safetensors + scope_idf.json).
+for S in s6 s7; do
+  [ -f runs/stage2/$S/adapter.safetensors ] || { echo "!!! runs/stage2/$S: run configs/small-stage2.yaml on a GPU first"; continue; }
+  run eval zsre        --method larimar --model runs/stage2/$S --n 200 --out "$R/zsre_larimar_st2$S"
+  run eval counterfact --method larimar --model runs/stage2/$S --n 200 --out "$R/cf_larimar_st2${S}_200"
+done
 echo "=== $(date +%T) value probe"
 .venv/bin/python scripts/value_probe.py --epochs 6 --out reports/value_probe_names.json
 .venv/bin/python scripts/value_probe.py --text-spans 60000 --epochs 2 --out reports/value_probe_spans.json

@@ -599,6 +599,10 @@ def test_sampler_rephrase_and_questions_set_ask(corpus, tmp_path):
     for it in items:  # the same subject in the written and the asked query
         subject = next(w for w in ("Person 0", "Person 1", "Person 2", "Person 3") if w in it.query)
         assert subject in it.ask
+    d = EpisodeSampler(text, pr, fact_fraction=1.0, val_fraction=0.0, seed=0, distractor_prob=1.0).episode(20)
+    for it in d:  # asked after a corpus sentence; the written query stays plain
+        sentence, _, rest = it.ask.partition(". ")
+        assert sentence + "." in s.texts and rest == it.query and "sentence number" not in it.query
     plain = EpisodeSampler(text, pr, fact_fraction=1.0, val_fraction=0.0, seed=0).episode(10)
     again = EpisodeSampler(text, pr, fact_fraction=1.0, val_fraction=0.0, seed=0, rephrase_prob=0.0).episode(10)
     assert plain == again and all(it.ask is None for it in plain)  # off: the draws of earlier versions

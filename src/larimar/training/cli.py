@@ -19,6 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", default=None, help="override train.output_dir")
     p.add_argument("--fast-dev-run", action="store_true", help="one training and one validation step, no checkpoints")
     p.add_argument("--no-resume", action="store_true", help="ignore OUTPUT/checkpoints/last.ckpt")
+    p.add_argument("--validate-only", action="store_true", help="score the validation episodes with the initial (or resumed) adapter; no training")
     p.add_argument("--stop-after-minutes", type=float, default=None, help="override train.trainer.stop_after_minutes (rerun to resume)")
 
 
@@ -133,6 +134,10 @@ def run(args: argparse.Namespace) -> int:
     elif train_cfg.get("init_adapter"):
         module.configure_model()
         init_stage2(module, Path(train_cfg["init_adapter"]))
+    if getattr(args, "validate_only", False):
+        trainer = build_trainer(train_cfg, output, fast_dev_run=False)
+        trainer.validate(module, datamodule=LarimarDataModule(train_cfg["data"]), ckpt_path=ckpt)
+        return 0
     if train_cfg["trainer"]["max_steps"] > 0:
         data = LarimarDataModule(train_cfg["data"])
         trainer = build_trainer(train_cfg, output, fast_dev_run=args.fast_dev_run)

@@ -326,13 +326,16 @@ class EpisodeSampler:
         open_text_spans: int = 0,
         rephrase_prob: float = 0.0,
         question_prob: float = 0.0,
+        distractor_prob: float = 0.0,
     ):
         """`open_text_spans` > 0: that many `word_spans` of the *training* documents under `text_root`
         join the open object pool (answers and subjects of the evaluation sets under
         `exclude_eval_from` removed); facts then need `object_pool` "open" or "mixed".
         `rephrase_prob`: chance that a fact item is asked (`Item.ask`) with another pattern of its
         relation; `question_prob`: chance that a fact of a relation with a question template is
-        written as that question (`Relation.sample_with_rephrase`). Both 0: the draws of earlier versions."""
+        written as that question (`Relation.sample_with_rephrase`); `distractor_prob`: chance that a fact
+        is asked after an unrelated sentence of the corpus, as CounterFact's paraphrase prompts are
+        ("<sentence>. Danielle Darrieux, a native"). All 0: the draws of earlier versions."""
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         self.rng = random.Random(seed + (0 if split == "train" else 1))
@@ -356,7 +359,7 @@ class EpisodeSampler:
             for rel, relation in relations.items():
                 if is_validation("pararel#" + rel, val_fraction * 2) == (split == "val"):
                     self.relations.append(relation)
-        self.rephrase_prob, self.question_prob = rephrase_prob, question_prob
+        self.rephrase_prob, self.question_prob, self.distractor_prob = rephrase_prob, question_prob, distractor_prob
         self.fact_fraction = fact_fraction if self.relations else 0.0
         if not self.texts and not self.relations:
             raise ValueError("EpisodeSampler: no training material found (check text_root / pararel_root)")
@@ -366,11 +369,13 @@ class EpisodeSampler:
     def item(self) -> Item:
         if self.rng.random() < self.fact_fraction:
             relation = self.rng.choice(self.relations)
-            if self.rephrase_prob <= 0 and self.question_prob <= 0:
+            if self.rephrase_prob <= 0 and self.question_prob <= 0 and self.distractor_prob <= 0:
                 return relation.sample(self.rng)
             item, other = relation.sample_with_rephrase(self.rng, self.question_prob)
             if self.rng.random() < self.rephrase_prob:
-                return Item(item.query, item.continuation, item.kind, ask=other)
+                item = Item(item.query, item.continuation, item.kind, ask=other)
+            if self.texts and self.distractor_prob > 0 and self.rng.random() < self.distractor_prob:
+                item = Item(item.query, item.continuation, item.kind, ask=self.rng.choice(self.texts) + " " + item.asked)
             return item
         return split_item(self.rng.choice(self.texts), self.rng)
 

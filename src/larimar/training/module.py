@@ -55,6 +55,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
         "value_writes": False,  # keyed episodes store the latent of the item's continuation (its value)
         "rephrase_prob": 0.0,  # fact items read back with another pattern of their relation
         "question_prob": 0.0,  # fact items written as their relation's question (data.question_templates)
+        "distractor_prob": 0.0,  # fact items asked after an unrelated corpus sentence (CounterFact's paraphrase prompts)
         "fact_period": False,  # value episodes: fact rows end in "." (taught, so that generation stops)
     },
     "optim": {"lr": 1e-3, "base_lr": 1e-4, "encoder_lr": 2e-5, "weight_decay": 0.0, "warmup_steps": 50},
@@ -152,6 +153,7 @@ class LarimarDataModule(L.LightningDataModule):
             question_templates=c.get("question_templates"),
             rephrase_prob=c.get("rephrase_prob", 0.0),
             question_prob=c.get("question_prob", 0.0),
+            distractor_prob=c.get("distractor_prob", 0.0),
         )
         self.train_sampler = EpisodeSampler(c["text_root"], split="train", **kw)
         try:
