@@ -62,6 +62,27 @@ for S in s6 s7; do
   run eval zsre        --method larimar --model runs/stage2/$S --n 200 --out "$R/zsre_larimar_st2$S"
   run eval counterfact --method larimar --model runs/stage2/$S --n 200 --out "$R/cf_larimar_st2${S}_200"
 done
+# ablations of the step-4531 adapter: the shipped output offset, or the untrained prefix (identical to the files evaluated)
+if [ -f runs/stage2/s6/adapter.safetensors ]; then
+  .venv/bin/python scripts/mix_adapters.py runs/stage2/s6 src/larimar/assets/default runs/stage2/h1_offset1b --from-b out_offset
+  .venv/bin/python scripts/mix_adapters.py runs/stage2/s6 src/larimar/assets/default runs/stage2/h3_noprefix --from-b kv_prefix emb_offset
+  for S in h1_offset1b h3_noprefix; do
+    run eval counterfact --method larimar --model runs/stage2/$S --n 200 --out "$R/cf_larimar_st2${S}_200"
+    run eval zsre        --method larimar --model runs/stage2/$S --n 200 --out "$R/zsre_larimar_st2$S"
+  done
+fi
+[ -f runs/stage2/s6/adapter.safetensors ] && .venv/bin/python scripts/distractor_probe.py src/larimar/assets/default runs/stage2/s6 --n 60
+# the CPU continuation with distractor sentences (400 steps, then resumed with --max-steps 800 and stopped
+# for time at step 723); its exports were kept as runs/stage2/d400 and runs/stage2/d723
+for S in d400 d723; do
+  [ -f runs/stage2/$S/adapter.safetensors ] || { echo "!!! runs/stage2/$S: larimar train --config configs/small-stage2-distract.yaml first"; continue; }
+  T=$([ $S = d400 ] && echo st2d || echo st2d723)
+  run eval zsre        --method larimar --model runs/stage2/$S --n 200 --out "$R/zsre_larimar_$T"
+  run eval counterfact --method larimar --model runs/stage2/$S --n 200 --out "$R/cf_larimar_${T}_200"
+  run eval sequential  --model runs/stage2/$S --n 1000 --eval-max 200 --eval-every 500 --methods larimar --addressing gaussian --out "$R/sequential_keyslots_$T"
+done
+[ -f runs/stage2/d723/adapter.safetensors ] && run eval counterfact --method larimar --model runs/stage2/d723 --n 500 --out "$R/cf_larimar_st2d723"
+[ -f runs/stage2/d723/adapter.safetensors ] && run eval modelcard --model runs/stage2/d723 --out "$R/modelcard_st2d723"
 echo "=== $(date +%T) value probe"
 .venv/bin/python scripts/value_probe.py --epochs 6 --out reports/value_probe_names.json
 .venv/bin/python scripts/value_probe.py --text-spans 60000 --epochs 2 --out reports/value_probe_spans.json
