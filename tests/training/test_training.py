@@ -119,6 +119,19 @@ def test_fast_dev_run(corpus, tmp_path):
     assert not torch.equal(before, module.model.kv_prefix.out.weight)  # a real optimiser step happened
 
 
+def overfit(module: LarimarLightning, batch: dict, steps: int) -> list[float]:
+    """`steps` optimiser steps on one batch -> the memory NLL before each."""
+    opt = module.configure_optimizers()["optimizer"]
+    losses = []
+    for _ in range(steps):
+        out = module.episode_losses(batch, 0)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(float(out["nll_mem"].detach()))
+    return losses
+
+
 def test_loss_falls_on_tiny_overfit_set(corpus):
     text, pr = corpus
     cfg = {"data": {"text_root": str(text), "pararel_root": str(pr), "exclude_eval_from": None}, "optim": {"lr": 1e-2, "warmup_steps": 1}}
@@ -126,15 +139,8 @@ def test_loss_falls_on_tiny_overfit_set(corpus):
     module.train()
     sampler = EpisodeSampler(text, pr, val_fraction=0.0, seed=0)
     batch = {"items": sampler.episode(4), "lm": [sampler.text_chunk()]}
-    opt = module.configure_optimizers()["optimizer"]
     torch.manual_seed(0)
-    losses = []
-    for _ in range(30):
-        out = module.episode_losses(batch, 0)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        losses.append(float(out["nll_mem"]))
+    losses = overfit(module, batch, 30)
     assert losses[-1] < 0.8 * losses[0], losses
 
 
@@ -672,14 +678,7 @@ def test_stage2_keyed_value_step_trains_chosen_parts_only(corpus):
     value_before = {n: p.detach().clone() for n, p in m.encoder.value_model.named_parameters()}
     sampler = EpisodeSampler(text, pr, val_fraction=0.0, seed=0, rephrase_prob=0.5)
     batch = {"items": sampler.episode(4), "lm": [sampler.text_chunk()]}
-    opt = module.configure_optimizers()["optimizer"]
-    losses = []
-    for _ in range(40):
-        out = module.episode_losses(batch, 0)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        losses.append(float(out["nll_mem"].detach()))
+    losses = overfit(module, batch, 40)
     assert losses[-1] < 0.8 * losses[0], losses
     assert torch.equal(head, m.encoder.head.weight) and torch.equal(M0, m.M0)  # latents not in `trainable`
     changed = {n for n, p in m.encoder.value_model.named_parameters() if not torch.equal(p, value_before[n])}
