@@ -621,6 +621,20 @@ def test_tokenize_items_uses_the_asked_query():
     assert out["input_ids"][0, : len(want)].tolist() == want
 
 
+def test_tokenize_items_keeps_the_answer_of_a_long_ask():
+    tok = tiny_tokenizer(pad_token=True)
+    long_ask = "one two three four five six seven eight nine ten. Alpha beta is"
+    it = Item("Alpha beta is", " Paris", "fact", ask=long_ask)
+    whole = tok(long_ask + " Paris", add_special_tokens=False)["input_ids"]
+    answer = tok(long_ask + " Paris", add_special_tokens=False)["input_ids"][len(tok(long_ask, add_special_tokens=False)["input_ids"]) :]
+    out = tokenize_items(tok, [it], len(whole) - 3, 0.25, "cpu")
+    ids, w = out["input_ids"][0], out["weights"][0]
+    assert ids.tolist() == whole[3:]  # the start of the ask is cut, the answer stays
+    assert ids[-len(answer) :].tolist() == answer and torch.all(w[-len(answer) :] == 1.0) and torch.all(w[: -len(answer)] == 0.25)
+    short = tokenize_items(tok, [Item("Alpha beta is", " Paris", "fact")], 64, 0.25, "cpu")["input_ids"][0]
+    assert short.tolist() == tok("Alpha beta is Paris", add_special_tokens=False)["input_ids"]  # short rows unchanged
+
+
 def test_value_encoder_trains_top_blocks_only_and_round_trips(tmp_path):
     m = value_model()
     enc = m.encoder

@@ -177,13 +177,16 @@ def tokenize_items(tokenizer, items: list[Item], max_tokens: int, context_weight
     """Items -> right-padded input_ids, attention_mask and per-token loss weights (B, T).
 
     A row is `item.asked + item.continuation`. Continuation tokens weigh 1, query tokens
-    `context_weight`, padding 0.
+    `context_weight`, padding 0. A row longer than `max_tokens` loses the start of its query first
+    (a long distractor sentence must not push the answer out), then the end of its continuation.
     """
     rows, weights = [], []
     for it in items:  # each row is the item as asked: its reading query + continuation
         q = tokenizer(it.asked, add_special_tokens=False)["input_ids"]
-        full = tokenizer(it.asked + it.continuation, add_special_tokens=False)["input_ids"][:max_tokens]
-        n_q = min(len(q), len(full))
+        whole = tokenizer(it.asked + it.continuation, add_special_tokens=False)["input_ids"]
+        cut = min(max(0, len(whole) - max_tokens), max(0, len(q) - 1))  # from the left, keeping >= 1 query token
+        full = whole[cut:][:max_tokens]
+        n_q = min(len(q) - cut, len(full))
         rows.append(full)
         weights.append([context_weight] * n_q + [1.0] * (len(full) - n_q))
     ids, att = right_pad(rows, tokenizer.pad_token_id)
