@@ -85,6 +85,7 @@ done
 [ -f runs/stage2/d723/adapter.safetensors ] && run eval modelcard --model runs/stage2/d723 --out "$R/modelcard_st2d723"
 [ -f runs/stage2/d723/adapter.safetensors ] && run eval counterfact --method larimar --model runs/stage2/d723 --n 500 --out "$R/cf_larimar_2reph_st2d723" --set n_rephrases=2
 [ -f runs/stage2/d723/adapter.safetensors ] && run eval forget --model runs/stage2/d723 --n 5 --no-icl --addressing gaussian --out "$R/forget_keyslots_st2d723"
+[ -f runs/stage2/d723/adapter.safetensors ] && run eval leakage --model runs/stage2/d723 --n 30 --systems larimar --out "$R/leakage_st2d723"
 echo "=== $(date +%T) value probe"
 .venv/bin/python scripts/value_probe.py --epochs 6 --out reports/value_probe_names.json
 .venv/bin/python scripts/value_probe.py --text-spans 60000 --epochs 2 --out reports/value_probe_spans.json
