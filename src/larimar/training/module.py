@@ -320,10 +320,15 @@ class LarimarLightning(L.LightningModule):
         keyed, values = bool(d.get("keyed")), bool(d.get("value_writes"))
         if values and not keyed:
             raise ValueError("train.data.value_writes needs train.data.keyed (a value write is a keyed write)")
-        asks = [it.asked for it in items]
+        # one encoder pass for what this episode needs: the items (unless values are stored), the
+        # written queries (keyed writes' addresses) and the asked queries (reads)
+        texts = [] if values else [it.text for it in items]
+        written = [it.query for it in items] if keyed else []
         with torch.set_grad_enabled(train_enc and torch.is_grad_enabled()):
-            emb = m.encoder.embed([it.text for it in items] + [it.query for it in items] + asks)  # (3E, H)
-        Z, Qw, Q = m.encoder.head(emb.float()).chunk(3)  # (E, C) each: item, written query, asked query
+            emb = m.encoder.embed(texts + written + [it.asked for it in items])  # (N, H)
+        lat = m.encoder.head(emb.float())
+        n_t, n_w = len(texts), len(written)
+        Z, Qw, Q = lat[:n_t], lat[n_t : n_t + n_w], lat[n_t + n_w :]  # (E or 0, C): items, written queries, asked queries
         if values:  # the stored latent is the continuation's (its value), through the value encoder if any
             Z = m.encoder.encode_values([it.continuation.strip() or it.text for it in items]).float()  # (E, C)
         Wq, M = memory_readout(Z, Q, m.M0, self.model_config.ridge, keys=Qw if keyed else None)
