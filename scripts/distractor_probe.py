@@ -10,7 +10,6 @@ Prints the share where P(new object) > P(true object), per adapter.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 
@@ -21,18 +20,18 @@ def main() -> None:
     p.add_argument("--n", type=int, default=60)
     args = p.parse_args()
     from larimar import Larimar
+    from larimar.eval.data import load_counterfact_rome
+    from larimar.eval.sequential import fact_sentence
 
-    cases = json.load(open(args.data))[: args.n]
+    cases = load_counterfact_rome(args.data, n=args.n)
     for path in args.models:
         m = Larimar.from_pretrained(path)
         res: dict[str, list[float]] = {"as given": [], "first sentence cut": []}
         for c in cases:
-            rw = c["requested_rewrite"]
-            prompt = rw["prompt"].format(rw["subject"])
-            new, true = " " + rw["target_new"]["str"], " " + rw["target_true"]["str"]
+            new, true = " " + c.target_new, " " + c.target_true
             m.reset_memory()
-            m.write_facts([prompt + new + "."], [prompt])
-            for q in c["paraphrase_prompts"]:
+            m.write_facts([fact_sentence(c)], [c.prompt])
+            for q in c.paraphrase_prompts:
                 bare = q.split(". ", 1)[1] if ". " in q else q
                 for key, text in (("as given", q), ("first sentence cut", bare)):
                     nll = m.score([text], [new, true], use_memory="always")[0]
