@@ -182,3 +182,40 @@ def test_rephrase_unedited_mode_answers_without_memory(model, tmp_path):
     assert len(model) == 0  # nothing was written
     with pytest.raises(ValueError, match="subset"):
         rp.run_rephrase(model, facts, tmp_path / "bad", modes=("nothing",), **kw)
+
+
+def test_companions_follow_the_case_wrap_round_and_skip_it():
+    ids = lambda cs: [c.case_id for c in cs]  # noqa: E731
+    assert ids(rb.companions(CF, CF[1], 2)) == [2, 0]
+    assert ids(rb.companions(CF, CF[2], 1)) == [0]
+    assert rb.companions(CF, CF[0], 0) == []
+    outsider = EditCase(9, "Rome", "Rome is in", "France", "Italy")
+    assert ids(rb.companions(CF, outsider, 3)) == [0, 1, 2]
+    with pytest.raises(ValueError, match="only 2"):
+        rb.companions(CF, CF[0], 3)
+
+
+def test_run_robustness_writes_each_fact_with_its_companions(model, tmp_path, monkeypatch):
+    written = []
+    orig = model.write_facts
+
+    def spy(texts, prompts, *a, **k):
+        written.append(list(prompts))
+        return orig(texts, prompts, *a, **k)
+
+    monkeypatch.setattr(model, "write_facts", spy)
+    kw = dict(config={"task": "robustness", "memory_facts": 3}, sigmas=[0.0, 0.5], gen_tokens=2, progress=False)
+    summary = rb.run_robustness(model, CF[:2], tmp_path / "m3", memory_facts=3, pool=CF, **kw)
+    assert summary["memory_facts"] == 3 and summary["n"] == 2
+    assert written == [[CF[0].prompt, CF[1].prompt, CF[2].prompt], [CF[1].prompt, CF[2].prompt, CF[0].prompt]]
+    rec = json.loads((tmp_path / "m3" / "cases" / "sigma_0" / "0.json").read_text())
+    assert rec["memory_facts"] == 3
+    # the other facts change the read-out the decoder sees, so the scores differ from one fact alone
+    alone = rb.run_robustness(model, CF[:2], tmp_path / "m1", **(kw | {"config": {"task": "robustness"}}))
+    one = json.loads((tmp_path / "m1" / "cases" / "sigma_0" / "0.json").read_text())
+    assert one["memory_facts"] == 1 and alone["memory_facts"] == 1
+    assert one["nll_new"] != rec["nll_new"]
+    with pytest.raises(ValueError, match="memory_facts=4"):
+        rb.run_robustness(model, CF, tmp_path / "m4", memory_facts=4, **kw)
+    with pytest.raises(ValueError, match=">= 1"):
+        rb.run_robustness(model, CF, tmp_path / "m0", memory_facts=0, **kw)

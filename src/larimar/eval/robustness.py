@@ -19,7 +19,10 @@ Protocol (``larimar eval robustness``)
 --------------------------------------
 For each CounterFact case (``--data``, default ``counterfact-rome``, first ``--n`` usable cases) and
 each ``sigma_W`` of ``--sigmas``: the memory is emptied, ``"{prompt} {target_new}."`` is written,
-and every query reads memory with noise. The same ``eps`` (drawn from a generator seeded by the seed
+and every query reads memory with noise. With ``--memory-facts N`` (default 1) the case's fact is
+written in one batch with the N - 1 facts that follow it in the file (wrapping round the first
+``max(n, N)`` usable cases), so that noise on ``W`` mixes the read-out with other facts' rows; with
+one fact in memory ``M`` has a single direction and noise can only rescale the read-out. The same ``eps`` (drawn from a generator seeded by the seed
 and the case id) is used for every ``sigma_W``, so the curves are paired across noise levels.
 
 * edit success: ``NLL(" " + target_new) < NLL(" " + target_true)`` after the rewrite prompt (ROME's
@@ -34,7 +37,7 @@ to put ``sigma_W`` in scale.
 
 Output: ``DIR/cases/sigma_<s>/<case id>.json`` (resumable), ``DIR/summary.json``::
 
-    {"n", "sigmas", "w_rms", "results": [{"sigma_w", "edit_success", "perplexity", "mean_nll", "n",
+    {"n", "memory_facts", "sigmas", "w_rms", "results": [{"sigma_w", "edit_success", "perplexity", "mean_nll", "n",
       "n_generated"}, ...]}
 
 ``DIR/summary.md`` and ``DIR/robustness.png`` (edit success and perplexity vs ``sigma_W``).
@@ -71,7 +74,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_SIGMAS", "add_arguments", "noisy_read", "robustness_case", "run", "run_robustness"]
+__all__ = ["DEFAULT_SIGMAS", "add_arguments", "companions", "noisy_read", "robustness_case", "run", "run_robustness"]
 
 DEFAULT_SIGMAS: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
@@ -103,11 +106,26 @@ def _case_seed(seed: int, case_id: Any) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(str(case_id).encode("utf-8"))) % (2**31)
 
 
+def companions(pool: Sequence["EditCase"], case: "EditCase", count: int) -> list["EditCase"]:
+    """The ``count`` cases of ``pool`` that follow ``case`` in it (from the start when ``case`` is not
+    in it), wrapping round and never ``case`` itself: the other facts in memory with ``case``."""
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    ids = [c.case_id for c in pool]
+    start = ids.index(case.case_id) + 1 if case.case_id in ids else 0
+    ring = [pool[(start + i) % len(pool)] for i in range(len(pool))]
+    ring = [c for c in ring if c.case_id != case.case_id]
+    if count > len(ring):
+        raise ValueError(f"{count} other facts asked for, but the pool holds only {len(ring)} besides case {case.case_id!r}")
+    return ring[:count]
+
+
 def robustness_case(
     model: "Larimar", case: "EditCase", sigmas: Sequence[float], *, gen_tokens: int = 20, seed: int = 0,
-    batch_size: int = 16,
+    batch_size: int = 16, others: Sequence["EditCase"] = (),
 ) -> list[dict[str, Any]]:
-    """Write the case's fact, then score and generate at every ``sigma`` (paired noise); one record each."""
+    """Write the case's fact (with the facts of ``others`` in the same batch), then score and generate
+    at every ``sigma`` (paired noise); one record each."""
     import torch
 
     from larimar.eval.scoring import continuation_nll
@@ -116,7 +134,8 @@ def robustness_case(
         raise ValueError(f"case {case.case_id!r} has no target_true")
     gen_prompt = case.generation_prompts[0] if case.generation_prompts else case.prompt
     model.reset_memory()
-    model.write_facts([fact_sentence(case)], [case.prompt])
+    written = [case, *others]
+    model.write_facts([fact_sentence(c) for c in written], [c.prompt for c in written])
     state = model.facts.state
     q = encode_latents(model, [case.prompt, gen_prompt])
     g = torch.Generator().manual_seed(_case_seed(seed, case.case_id))
@@ -144,6 +163,7 @@ def robustness_case(
             "generation": text,
             "generation_nll": gen_nll,
             "w_rms": w_rms,
+            "memory_facts": len(written),
         })
     model.reset_memory()
     return out
@@ -171,8 +191,8 @@ def robustness_markdown(summary: Mapping[str, Any]) -> str:
     rows = [[fmt(r["sigma_w"], 3), str(r["n"]), fmt(r["edit_success"]), fmt(r["perplexity"], 2), str(r["n_generated"])]
             for r in summary.get("results", [])]
     return (
-        f"# Robustness to read noise (n = {summary.get('n')} CounterFact facts, noise-free W rms = "
-        f"{fmt(summary.get('w_rms'), 4)})\n\n"
+        f"# Robustness to read noise (n = {summary.get('n')} CounterFact facts, "
+        f"{summary.get('memory_facts', 1)} in memory per query, noise-free W rms = {fmt(summary.get('w_rms'), 4)})\n\n"
         "Edit success = % of facts with NLL(new) < NLL(true) after the rewrite prompt; perplexity of the "
         "memory-conditioned generation under the base decoder.\n\n"
         + markdown_table(["sigma_W", "facts", "Edit success %", "Generation perplexity", "generations scored"], rows)
@@ -212,8 +232,14 @@ def run_robustness(
     force: bool = False,
     progress: bool = True,
     plot: bool = True,
+    memory_facts: int = 1,
+    pool: Sequence["EditCase"] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate every case at every sigma into ``out_dir``; return the summary."""
+    """Evaluate every case at every sigma into ``out_dir``; return the summary.
+
+    Each case is written with ``memory_facts - 1`` others from ``pool`` (default: ``cases``), see
+    :func:`companions`.
+    """
     from tqdm.auto import tqdm
 
     from larimar.eval.runner import atomic_write_json, atomic_write_text, case_file, prepare_out_dir, seed_everything
@@ -225,7 +251,12 @@ def run_robustness(
         out_dir, config, identity_keys=tuple(k for k in config if k not in ("batch_size", "sigmas")), force=force,
         results_glob=("cases/*/*.json", "summary.json", "summary.md", "robustness.png"),
     )
+    if memory_facts < 1:
+        raise ValueError(f"memory_facts must be >= 1, got {memory_facts}")
     cases = [c for c in cases if c.target_true]
+    pool = list(cases if pool is None else pool)
+    if memory_facts > 1 and len({c.case_id for c in pool} | {c.case_id for c in cases}) < memory_facts:
+        raise ValueError(f"memory_facts={memory_facts} needs at least that many distinct cases; the pool has {len(pool)}")
     by_sigma: dict[float, list[dict[str, Any]]] = {s: [] for s in sigmas}
     for case in tqdm(cases, desc="robustness", unit="fact", disable=not progress):
         paths = {s: _sigma_dir(out, s) / case_file(out, case.case_id).name for s in sigmas}
@@ -233,7 +264,10 @@ def run_robustness(
         missing = [s for s in sigmas if done[s] is None]
         if missing:
             seed_everything(_case_seed(seed, case.case_id))
-            for rec in robustness_case(model, case, missing, gen_tokens=gen_tokens, seed=seed, batch_size=batch_size):
+            others = companions(pool, case, memory_facts - 1)
+            for rec in robustness_case(
+                model, case, missing, gen_tokens=gen_tokens, seed=seed, batch_size=batch_size, others=others,
+            ):
                 atomic_write_json(paths[rec["sigma_w"]], rec)
                 done[rec["sigma_w"]] = json.loads(json.dumps(rec))
         for s in sigmas:
@@ -252,7 +286,7 @@ def run_robustness(
             "n_generated": len(nlls),
         })
     w = [r["w_rms"] for r in by_sigma[sigmas[0]]]
-    summary = {"n": len(cases), "sigmas": sigmas, "w_rms": sum(w) / len(w) if w else None, "results": results}
+    summary = {"n": len(cases), "memory_facts": memory_facts, "sigmas": sigmas, "w_rms": sum(w) / len(w) if w else None, "results": results}
     atomic_write_json(out / "summary.json", summary)
     atomic_write_text(out / "summary.md", robustness_markdown(summary))
     if plot and results:
@@ -286,6 +320,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sigmas", type=_floats, default=list(DEFAULT_SIGMAS),
                    help="noise levels sigma_W (default 0,0.01,0.02,0.05,0.1,0.2,0.5,1)")
     p.add_argument("--gen-tokens", type=int, default=20, help="greedy tokens generated for the perplexity (default 20)")
+    p.add_argument("--memory-facts", type=int, default=1,
+                   help="facts in memory per query: the case's and the next N-1 in the file (default 1)")
     p.add_argument("--no-plot", action="store_true", help="do not draw robustness.png")
 
 
@@ -295,14 +331,18 @@ def run(args: argparse.Namespace) -> int:
     from larimar.eval.data import load_cases
     from larimar.eval.runner import seed_everything, usable_cases
 
+    if args.memory_facts < 1:
+        raise SystemExit(f"--memory-facts must be >= 1, got {args.memory_facts}")
     path = resolve_data("counterfact", args.data)
-    cases = usable_cases("counterfact", load_cases(path, n=args.n))
+    pool = usable_cases("counterfact", load_cases(path, n=None if args.n is None else max(args.n, args.memory_facts)))
+    cases = pool[: args.n] if args.n is not None else pool
     config = {
         "task": "robustness",
         "data": str(path),
         "n": args.n,
         "sigmas": list(args.sigmas),
         "gen_tokens": args.gen_tokens,
+        **({"memory_facts": args.memory_facts} if args.memory_facts > 1 else {}),
         "model": describe_model(args.model),
         "seed": args.seed,
         "batch_size": args.batch_size,
@@ -312,7 +352,7 @@ def run(args: argparse.Namespace) -> int:
     run_robustness(
         model, cases, args.out, config=config, sigmas=args.sigmas, gen_tokens=args.gen_tokens,
         batch_size=args.batch_size, seed=args.seed, force=args.force, progress=not args.no_progress,
-        plot=not args.no_plot,
+        plot=not args.no_plot, memory_facts=args.memory_facts, pool=pool,
     )
     print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
     print(f"results in {args.out}")
