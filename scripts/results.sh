@@ -86,6 +86,45 @@ done
 [ -f runs/stage2/d723/adapter.safetensors ] && run eval counterfact --method larimar --model runs/stage2/d723 --n 500 --out "$R/cf_larimar_2reph_st2d723" --set n_rephrases=2
 [ -f runs/stage2/d723/adapter.safetensors ] && run eval forget --model runs/stage2/d723 --n 5 --no-icl --addressing gaussian --out "$R/forget_keyslots_st2d723"
 [ -f runs/stage2/d723/adapter.safetensors ] && run eval leakage --model runs/stage2/d723 --n 30 --systems larimar --out "$R/leakage_st2d723"
+# session 12: the same continuation resumed with --max-steps 2600 (the cosine schedule restarts) for 34 + 18 min
+# (`larimar train --config configs/small-stage2-distract.yaml --output-dir runs/small-stage2-distract
+# --max-steps 2600 --stop-after-minutes 34`, then 18); its exports were kept as runs/stage2/leg1 (step 1404)
+# and runs/stage2/leg2 (step 1758)
+for S in leg1 leg2; do
+  [ -f runs/stage2/$S/adapter.safetensors ] || { echo "!!! runs/stage2/$S: resume configs/small-stage2-distract.yaml first"; continue; }
+  run eval zsre        --method larimar --model runs/stage2/$S --n 200 --out "$R/zsre_larimar_st2$S"
+  run eval counterfact --method larimar --model runs/stage2/$S --n 200 --out "$R/cf_larimar_st2${S}_200"
+done
+if [ -f runs/stage2/leg2/adapter.safetensors ]; then
+  M=runs/stage2/leg2
+  run eval counterfact --method larimar --model $M --n 500 --out "$R/cf_larimar_2reph_st2leg2" --set n_rephrases=2
+  run eval leakage     --model $M --n 30 --systems larimar --out "$R/leakage_st2leg2"
+  run eval counterfact --method larimar --model $M --n 500 --out "$R/cf_larimar_st2leg2"
+  run eval sequential  --model $M --n 1000 --eval-max 200 --eval-every 500 --methods larimar --addressing gaussian --out "$R/sequential_keyslots_st2leg2"
+  run eval forget      --model $M --n 5 --no-icl --addressing gaussian --out "$R/forget_keyslots_st2leg2"
+  run eval modelcard   --model $M --out "$R/modelcard_st2leg2"
+fi
+# leg 3: resumed once more for 19 min (step 2129), kept as runs/stage2/leg3
+if [ -f runs/stage2/leg3/adapter.safetensors ]; then
+  M=runs/stage2/leg3
+  run eval leakage     --model $M --n 30 --systems larimar --out "$R/leakage_st2leg3"
+  run eval counterfact --method larimar --model $M --n 500 --out "$R/cf_larimar_2reph_st2leg3" --set n_rephrases=2
+  run eval zsre        --method larimar --model $M --n 200 --out "$R/zsre_larimar_st2leg3"
+  run eval forget      --model $M --n 5 --no-icl --addressing gaussian --datasets counterfact --sizes K --out "$R/forget_keyslots_st2leg3"
+fi
+# session 12: ZsRE baselines on the same base model and the first cases of the same file, and read noise
+# with K facts in memory
+run eval zsre --method prompt --n 200 --out "$R/zsre_prompt"
+run eval zsre --method grace  --n 100 --out "$R/zsre_grace"
+run eval robustness --n 30 --memory-facts 512 --out "$R/robustness_m512"
+run eval zsre --method ft_l   --n 50 --out "$R/zsre_ft_l"
+run eval zsre --method ike    --n 30 --out "$R/zsre_ike"
+run eval zsre --method rome   --n 25 --out "$R/zsre_rome"
+# Larimar and the unedited model on the baselines' first N cases: the 200-case runs' per-case files, reused
+for M in larimar unedited; do for N in 100 50 30 25; do
+  rm -rf "$R/zsre_${M}_first$N"; cp -r "$R/zsre_$M" "$R/zsre_${M}_first$N"
+  run eval zsre --method $M --n $N --out "$R/zsre_${M}_first$N"
+done; done
 echo "=== $(date +%T) value probe"
 .venv/bin/python scripts/value_probe.py --epochs 6 --out reports/value_probe_names.json
 .venv/bin/python scripts/value_probe.py --text-spans 60000 --epochs 2 --out reports/value_probe_spans.json
