@@ -6,6 +6,14 @@ set -u
 R=${1:-results}
 L="${LARIMAR:-.venv/bin/larimar}"
 run() { echo "=== $(date +%T) larimar $*"; "$L" "$@" --no-progress || echo "!!! failed: larimar $*"; }
+# have S: is the stage-2 adapter runs/stage2/S there (else say how it is made)
+have() { [ -f runs/stage2/$1/adapter.safetensors ] || { echo "!!! runs/stage2/$1: train it first (configs/small-stage2*.yaml)"; return 1; }; }
+# st2_gate S TAG: ZsRE 200 and CounterFact 200 of the stage-2 adapter runs/stage2/S, into *_TAG
+st2_gate() {
+  have "$1" || return 0
+  run eval zsre        --method larimar --model runs/stage2/$1 --n 200 --out "$R/zsre_larimar_$2"
+  run eval counterfact --method larimar --model runs/stage2/$1 --n 200 --out "$R/cf_larimar_${2}_200"
+}
 echo "=== $(date +%T) keyed_capacity"; .venv/bin/python scripts/keyed_capacity.py --ridges 1.0 --out reports/keyed_capacity.json
 run eval modelcard   --out "$R/modelcard"
 echo "=== $(date +%T) larimar scope"; "$L" scope --n 500 --out "$R/scope500"
@@ -57,11 +65,7 @@ done
 # session 11: stage 2 on a GPU (configs/small-stage2.yaml; scripts/device_bundle.sh packs what a bare GPU machine needs),
 # then a CPU continuation with distractor sentences (configs/small-stage2-distract.yaml). The GPU run's
 # adapters (steps 2109, 4531, 6000) were kept as runs/stage2/s5, s6, s7 (config.json + adapter.safetensors + scope_idf.json).
-for S in s6 s7; do
-  [ -f runs/stage2/$S/adapter.safetensors ] || { echo "!!! runs/stage2/$S: run configs/small-stage2.yaml on a GPU first"; continue; }
-  run eval zsre        --method larimar --model runs/stage2/$S --n 200 --out "$R/zsre_larimar_st2$S"
-  run eval counterfact --method larimar --model runs/stage2/$S --n 200 --out "$R/cf_larimar_st2${S}_200"
-done
+for S in s6 s7; do st2_gate $S st2$S; done
 # ablations of the step-4531 adapter: the shipped output offset, or the untrained prefix (identical to the files evaluated)
 if [ -f runs/stage2/s6/adapter.safetensors ]; then
   .venv/bin/python scripts/mix_adapters.py runs/stage2/s6 src/larimar/assets/default runs/stage2/h1_offset1b --from-b out_offset
@@ -75,11 +79,9 @@ fi
 # the CPU continuation with distractor sentences (400 steps, then resumed with --max-steps 800 and stopped
 # for time at step 723); its exports were kept as runs/stage2/d400 and runs/stage2/d723
 for S in d400 d723; do
-  [ -f runs/stage2/$S/adapter.safetensors ] || { echo "!!! runs/stage2/$S: larimar train --config configs/small-stage2-distract.yaml first"; continue; }
   T=$([ $S = d400 ] && echo st2d || echo st2d723)
-  run eval zsre        --method larimar --model runs/stage2/$S --n 200 --out "$R/zsre_larimar_$T"
-  run eval counterfact --method larimar --model runs/stage2/$S --n 200 --out "$R/cf_larimar_${T}_200"
-  run eval sequential  --model runs/stage2/$S --n 1000 --eval-max 200 --eval-every 500 --methods larimar --addressing gaussian --out "$R/sequential_keyslots_$T"
+  st2_gate $S $T
+  have $S && run eval sequential --model runs/stage2/$S --n 1000 --eval-max 200 --eval-every 500 --methods larimar --addressing gaussian --out "$R/sequential_keyslots_$T"
 done
 [ -f runs/stage2/d723/adapter.safetensors ] && run eval counterfact --method larimar --model runs/stage2/d723 --n 500 --out "$R/cf_larimar_st2d723"
 [ -f runs/stage2/d723/adapter.safetensors ] && run eval modelcard --model runs/stage2/d723 --out "$R/modelcard_st2d723"
@@ -90,12 +92,8 @@ done
 # (`larimar train --config configs/small-stage2-distract.yaml --output-dir runs/small-stage2-distract
 # --max-steps 2600 --stop-after-minutes 34`, then 18); its exports were kept as runs/stage2/leg1 (step 1404)
 # and runs/stage2/leg2 (step 1758)
-for S in leg1 leg2; do
-  [ -f runs/stage2/$S/adapter.safetensors ] || { echo "!!! runs/stage2/$S: resume configs/small-stage2-distract.yaml first"; continue; }
-  run eval zsre        --method larimar --model runs/stage2/$S --n 200 --out "$R/zsre_larimar_st2$S"
-  run eval counterfact --method larimar --model runs/stage2/$S --n 200 --out "$R/cf_larimar_st2${S}_200"
-done
-if [ -f runs/stage2/leg2/adapter.safetensors ]; then
+for S in leg1 leg2; do st2_gate $S st2$S; done
+if have leg2; then
   M=runs/stage2/leg2
   run eval counterfact --method larimar --model $M --n 500 --out "$R/cf_larimar_2reph_st2leg2" --set n_rephrases=2
   run eval leakage     --model $M --n 30 --systems larimar --out "$R/leakage_st2leg2"
@@ -105,7 +103,7 @@ if [ -f runs/stage2/leg2/adapter.safetensors ]; then
   run eval modelcard   --model $M --out "$R/modelcard_st2leg2"
 fi
 # leg 3: resumed once more for 19 min (step 2129), kept as runs/stage2/leg3
-if [ -f runs/stage2/leg3/adapter.safetensors ]; then
+if have leg3; then
   M=runs/stage2/leg3
   run eval leakage     --model $M --n 30 --systems larimar --out "$R/leakage_st2leg3"
   run eval counterfact --method larimar --model $M --n 500 --out "$R/cf_larimar_2reph_st2leg3" --set n_rephrases=2
