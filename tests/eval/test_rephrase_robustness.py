@@ -215,7 +215,12 @@ def test_run_robustness_writes_each_fact_with_its_companions(model, tmp_path, mo
     one = json.loads((tmp_path / "m1" / "cases" / "sigma_0" / "0.json").read_text())
     assert one["memory_facts"] == 1 and alone["memory_facts"] == 1
     assert one["nll_new"] != rec["nll_new"]
+    # a record made with another number of facts in memory is not reused
+    assert rb._load(tmp_path / "m3" / "cases" / "sigma_0" / "0.json", 0, 0.0, 3) == rec
+    assert rb._load(tmp_path / "m3" / "cases" / "sigma_0" / "0.json", 0, 0.0, 1) is None
+    # bad sizes fail before anything is written
     with pytest.raises(ValueError, match="memory_facts=4"):
         rb.run_robustness(model, CF, tmp_path / "m4", memory_facts=4, **kw)
     with pytest.raises(ValueError, match=">= 1"):
         rb.run_robustness(model, CF, tmp_path / "m0", memory_facts=0, **kw)
+    assert not (tmp_path / "m4").exists() and not (tmp_path / "m0").exists()

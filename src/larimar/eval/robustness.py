@@ -173,14 +173,15 @@ def _sigma_dir(out: Path, sigma: float) -> Path:
     return out / "cases" / f"sigma_{sigma:g}"
 
 
-def _load(path: Path, case_id: Any, sigma: float) -> dict[str, Any] | None:
+def _load(path: Path, case_id: Any, sigma: float, memory_facts: int = 1) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
         rec = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    ok = isinstance(rec, dict) and str(rec.get("case_id")) == str(case_id) and rec.get("sigma_w") == float(sigma)
+    ok = (isinstance(rec, dict) and str(rec.get("case_id")) == str(case_id) and rec.get("sigma_w") == float(sigma)
+          and rec.get("memory_facts", 1) == memory_facts)
     return rec if ok and isinstance(rec.get("success"), bool) else None
 
 
@@ -247,20 +248,23 @@ def run_robustness(
     sigmas = sorted({float(s) for s in sigmas})
     if not sigmas or sigmas[0] < 0:
         raise ValueError(f"sigmas must be >= 0, got {sigmas}")
-    out = prepare_out_dir(
-        out_dir, config, identity_keys=tuple(k for k in config if k not in ("batch_size", "sigmas")), force=force,
-        results_glob=("cases/*/*.json", "summary.json", "summary.md", "robustness.png"),
-    )
     if memory_facts < 1:
         raise ValueError(f"memory_facts must be >= 1, got {memory_facts}")
     cases = [c for c in cases if c.target_true]
     pool = list(cases if pool is None else pool)
-    if memory_facts > 1 and len({c.case_id for c in pool} | {c.case_id for c in cases}) < memory_facts:
-        raise ValueError(f"memory_facts={memory_facts} needs at least that many distinct cases; the pool has {len(pool)}")
+    pool_ids = {c.case_id for c in pool}
+    for case in cases:  # checked before anything is written: every case needs memory_facts - 1 others
+        if len(pool_ids) - (case.case_id in pool_ids) < memory_facts - 1:
+            raise ValueError(f"memory_facts={memory_facts} needs {memory_facts - 1} other facts for case "
+                             f"{case.case_id!r}; the pool has {len(pool_ids)} distinct cases")
+    out = prepare_out_dir(
+        out_dir, config, identity_keys=tuple(k for k in config if k not in ("batch_size", "sigmas")), force=force,
+        results_glob=("cases/*/*.json", "summary.json", "summary.md", "robustness.png"),
+    )
     by_sigma: dict[float, list[dict[str, Any]]] = {s: [] for s in sigmas}
     for case in tqdm(cases, desc="robustness", unit="fact", disable=not progress):
         paths = {s: _sigma_dir(out, s) / case_file(out, case.case_id).name for s in sigmas}
-        done = {s: _load(paths[s], case.case_id, s) for s in sigmas}
+        done = {s: _load(paths[s], case.case_id, s, memory_facts) for s in sigmas}
         missing = [s for s in sigmas if done[s] is None]
         if missing:
             seed_everything(_case_seed(seed, case.case_id))
