@@ -115,11 +115,11 @@ fi
 run eval zsre --method prompt --n 200 --out "$R/zsre_prompt"
 run eval zsre --method grace  --n 100 --out "$R/zsre_grace"
 run eval robustness --n 30 --memory-facts 512 --out "$R/robustness_m512"
-run eval zsre --method ft_l   --n 50 --out "$R/zsre_ft_l"
-run eval zsre --method ike    --n 30 --out "$R/zsre_ike"
-run eval zsre --method rome   --n 25 --out "$R/zsre_rome"
+run eval zsre --method ft_l   --n 100 --out "$R/zsre_ft_l"
+run eval zsre --method ike    --n 200 --out "$R/zsre_ike"
+run eval zsre --method rome   --n 50 --out "$R/zsre_rome"
 # Larimar and the unedited model on the baselines' first N cases: the 200-case runs' per-case files, reused
-for M in larimar unedited; do for N in 100 50 30 25; do
+for M in larimar unedited; do for N in 100 50; do
   rm -rf "$R/zsre_${M}_first$N"; cp -r "$R/zsre_$M" "$R/zsre_${M}_first$N"
   run eval zsre --method $M --n $N --out "$R/zsre_${M}_first$N"
 done; done
