@@ -626,7 +626,7 @@ def test_tokenize_items_keeps_the_answer_of_a_long_ask():
     long_ask = "one two three four five six seven eight nine ten. Alpha beta is"
     it = Item("Alpha beta is", " Paris", "fact", ask=long_ask)
     whole = tok(long_ask + " Paris", add_special_tokens=False)["input_ids"]
-    answer = tok(long_ask + " Paris", add_special_tokens=False)["input_ids"][len(tok(long_ask, add_special_tokens=False)["input_ids"]) :]
+    answer = whole[len(tok(long_ask, add_special_tokens=False)["input_ids"]) :]
     out = tokenize_items(tok, [it], len(whole) - 3, 0.25, "cpu")
     ids, w = out["input_ids"][0], out["weights"][0]
     assert ids.tolist() == whole[3:]  # the start of the ask is cut, the answer stays

@@ -20,7 +20,7 @@ import hashlib
 import json
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 _SENT = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
@@ -373,9 +373,9 @@ class EpisodeSampler:
                 return relation.sample(self.rng)
             item, other = relation.sample_with_rephrase(self.rng, self.question_prob)
             if self.rng.random() < self.rephrase_prob:
-                item = Item(item.query, item.continuation, item.kind, ask=other)
+                item = replace(item, ask=other)
             if self.texts and self.distractor_prob > 0 and self.rng.random() < self.distractor_prob:
-                item = Item(item.query, item.continuation, item.kind, ask=self.rng.choice(self.texts) + " " + item.asked)
+                item = replace(item, ask=self.rng.choice(self.texts) + " " + item.asked)
             return item
         return split_item(self.rng.choice(self.texts), self.rng)
 
