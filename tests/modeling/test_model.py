@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -473,3 +474,22 @@ def test_release_mask_stops_the_output_offset_after_a_release_token():
     assert not torch.equal(released, kept)  # the offset did change the continuation
     end = m.sentence_end_mask()
     assert end.shape == (V,) and end.any() and not end.all()
+
+
+def test_adapter_dir_resolves_shipped_names_after_local_paths(tmp_path, monkeypatch):
+    from larimar.modeling import model as model_module
+    from larimar.modeling.model import CONFIG_FILE, adapter_dir, default_adapter_dir
+
+    shipped = tmp_path / "assets"
+    (shipped / "tokens").mkdir(parents=True)
+    (shipped / "tokens" / CONFIG_FILE).write_text("{}")
+    monkeypatch.setattr(model_module, "packaged_adapter_dir", lambda name: shipped / name)
+    assert adapter_dir(None) == default_adapter_dir()
+    monkeypatch.chdir(tmp_path)
+    assert adapter_dir("tokens") == shipped / "tokens"  # a shipped name
+    assert adapter_dir("nothing") == Path("nothing")  # neither: the path as given (loading then fails clearly)
+    assert adapter_dir("runs/tokens") == Path("runs/tokens")  # a path with folders is never a name
+    (tmp_path / "tokens").mkdir()
+    assert adapter_dir("tokens") == Path("tokens")  # a local directory wins
+    with pytest.raises(FileNotFoundError, match="not a saved Larimar model"):
+        Larimar.from_pretrained("nothing")

@@ -41,10 +41,10 @@ def run(args: argparse.Namespace) -> int:
     from larimar.eval.data import default_data_dir
     from larimar.modeling.config import LarimarConfig
     from larimar.modeling.loading import resolve_encoder
-    from larimar.modeling.model import CONFIG_FILE, default_adapter_dir, save_scope_idf
+    from larimar.modeling.model import CONFIG_FILE, adapter_dir, save_scope_idf
 
     _quiet_transformers()
-    directory = Path(args.model) if args.model else default_adapter_dir()
+    directory = adapter_dir(args.model or None)
     if not (directory / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{directory}: no {CONFIG_FILE} (not a saved Larimar model)")
     # only the encoder's tokenizer is needed, not the models

@@ -70,7 +70,7 @@ def _int_list(text: str) -> list[int]:
 def _common(p: argparse.ArgumentParser, *, method_default: str | None = "larimar") -> None:
     p.add_argument("--out", required=True, help="output directory (resumable)")
     p.add_argument("--data", default=None, help="data file, or a short name such as counterfact-rome (default per task)")
-    p.add_argument("--model", default=None, help="Larimar model directory (default: the shipped adapter)")
+    p.add_argument("--model", default=None, help="Larimar model directory, or a shipped adapter's name: default, tokens (default: default)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per forward pass when scoring")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -171,9 +171,9 @@ def resolve_data(task: str, data: str | None) -> Path:
 def describe_model(path: str | None) -> dict[str, Any]:
     """What identifies the model of a run, without loading it: directory and its LarimarConfig."""
     from larimar.modeling.config import LarimarConfig
-    from larimar.modeling.model import CONFIG_FILE, default_adapter_dir
+    from larimar.modeling.model import CONFIG_FILE, adapter_dir
 
-    directory = Path(path).expanduser() if path is not None else default_adapter_dir()
+    directory = adapter_dir(path)
     cfg_file = directory / CONFIG_FILE
     if cfg_file.is_file():
         return {"path": str(directory.resolve()), "config": json.loads(cfg_file.read_text(encoding="utf-8"))}

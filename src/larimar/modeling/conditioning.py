@@ -25,9 +25,13 @@ Design:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from larimar.modeling.value_code import TokenValueCode
 
 
 @dataclass(frozen=True)
@@ -209,10 +213,12 @@ class Conditioning:
     offset: torch.Tensor | None = None  # (B, 1, hidden)
     output: torch.Tensor | None = None  # (B, m, hidden), applied by `output_head`
     output_head: OutputOffset | None = None
+    code: torch.Tensor | None = None  # (B, C) read-outs decoded by `code_head` (token value code)
+    code_head: "TokenValueCode | None" = None
 
     @property
     def is_empty(self) -> bool:
-        return self.prefix is None and self.offset is None and self.output is None
+        return self.prefix is None and self.offset is None and self.output is None and self.code is None
 
     @property
     def prefix_len(self) -> int:
@@ -223,7 +229,8 @@ class Conditioning:
         prefix = None if self.prefix is None else [(k[idx], v[idx]) for k, v in self.prefix]
         offset = None if self.offset is None else self.offset[idx]
         output = None if self.output is None else self.output[idx]
-        return Conditioning(prefix, offset, output, self.output_head)
+        code = None if self.code is None else self.code[idx]
+        return Conditioning(prefix, offset, output, self.output_head, code, self.code_head)
 
 
 class ConditionedDecoder:
@@ -263,7 +270,19 @@ class ConditionedDecoder:
             output_hidden_states=want_hidden or cond.output is not None,
             **kwargs,
         )
-        return self._apply_output(out, cond, self._output_bias(cond))
+        out = self._apply_output(out, cond, self._output_bias(cond))
+        if cond.code is not None:
+            out.logits = out.logits + self._code_head(cond).sequence_bias(cond.code, input_ids, self._embeddings(), attention_mask).to(out.logits.dtype)
+        return out
+
+    def _embeddings(self) -> torch.Tensor:
+        return self.model.get_input_embeddings().weight
+
+    @staticmethod
+    def _code_head(cond: Conditioning) -> "TokenValueCode":
+        if cond.code_head is None:
+            raise ValueError("Conditioning.code is set but code_head is None")
+        return cond.code_head
 
     def _output_bias(self, cond: Conditioning | None) -> torch.Tensor | None:
         """(B, m, V) logit bias of the conditioning's output offset (None without one)."""
@@ -325,9 +344,23 @@ class ConditionedDecoder:
         next_pos = position_ids[:, -1:] + 1  # (B, 1)
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         released = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        release = release_mask.to(input_ids.device) if release_mask is not None and bias is not None else None
+        has_code = cond is not None and cond.code is not None
+        conditioned_out = bias is not None or has_code
+        release = release_mask.to(input_ids.device) if release_mask is not None and conditioned_out else None
+        if has_code:  # the token value code: a bias from the read-out and the token just read (left padding: last column)
+            head, E = self._code_head(cond), self._embeddings()
+            U = head.units(E)  # (V, C) once per call
+
+            def code_bias(prev: torch.Tensor, prev2: torch.Tensor) -> torch.Tensor:
+                return head.logit_bias(cond.code, prev, E, U, prev2) * (~released).to(U.dtype)[:, None]  # (B, V)
+
         new_tokens = []
         logits = out.logits[:, -1, :]
+        if has_code:
+            prev2 = input_ids[:, -2] if input_ids.shape[1] > 1 else torch.full_like(input_ids[:, -1], -1)
+            prev2 = torch.where(attention_mask[:, -2] > 0, prev2, -1) if input_ids.shape[1] > 1 else prev2  # padding: none
+            logits = logits + code_bias(input_ids[:, -1], prev2).to(logits.dtype)
+            prev2 = input_ids[:, -1]
         for step in range(max_new_tokens):
             token = _pick(logits.float(), do_sample, temperature, top_k, top_p, generator)  # (B,)
             token = torch.where(finished, torch.full_like(token, pad_token_id), token)
@@ -338,7 +371,7 @@ class ConditionedDecoder:
                 break
             if release is not None:
                 released = released | release[token]
-                step_bias = bias * (~released).to(bias.dtype)[:, None, None]  # (B, m, V): released rows get none
+                step_bias = None if bias is None else bias * (~released).to(bias.dtype)[:, None, None]  # (B, m, V): released rows get none
             else:
                 step_bias = bias
             full_mask = torch.cat([full_mask, full_mask.new_ones(B, 1)], dim=1)
@@ -353,6 +386,9 @@ class ConditionedDecoder:
             cache = out.past_key_values
             next_pos = next_pos + 1
             logits = out.logits[:, -1, :]
+            if has_code:
+                logits = logits + code_bias(token, prev2).to(logits.dtype)
+                prev2 = token
         result = torch.stack(new_tokens, dim=1)
         if result.shape[1] < max_new_tokens:  # everyone hit EOS early
             pad = result.new_full((B, max_new_tokens - result.shape[1]), pad_token_id)

@@ -10,6 +10,7 @@ from typing import Any
 
 ADDRESSING_MODES = ("reference", "current", "gaussian")
 POOLING_MODES = ("mean", "cls")
+VALUE_CODES = ("encoder", "tokens")
 M_PRIOR_MODES = ("zero", "reference")
 
 
@@ -45,6 +46,9 @@ class LarimarConfig:
     keyed_writes: bool = False  # editors that know each fact's prompt address the fact by the prompt's latent
     value_writes: bool = False  # keyed writes store the fact's value (text after the prompt), not the whole fact
     value_encoder_layers: int = 0  # > 0: values are encoded by a copy of the encoder whose top N blocks are trained (LatentEncoder)
+    value_code: str = "encoder"  # "tokens": values are stored as a code of their decoder tokens (TokenValueCode; our extension)
+    value_code_slots: int = 8  # tokens per token code, the end token included
+    value_code_end: str = "\n"  # the token a token code ends with (after it the code starts over)
     # scope detector (paper §4)
     scope_threshold: float = 0.65  # near the equal-error point on CounterFact dev (larimar scope)
     use_scope_detector: bool = True
@@ -70,6 +74,12 @@ class LarimarConfig:
         for name in ("latent_size", "memory_size", "prefix_len", "prefix_hidden", "output_hidden", "output_heads", "max_encoder_tokens"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"LarimarConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.value_code not in VALUE_CODES:
+            raise ValueError(f"LarimarConfig.value_code={self.value_code!r}: expected one of {VALUE_CODES}")
+        if self.value_code == "tokens" and int(self.value_code_slots) < 2:
+            raise ValueError(f"LarimarConfig.value_code_slots must be >= 2, got {self.value_code_slots}")
+        if self.value_code == "tokens" and int(self.value_encoder_layers) > 0:
+            raise ValueError("LarimarConfig: value_code 'tokens' replaces the value encoder; set value_encoder_layers to 0")
         if int(self.value_encoder_layers) < 0:
             raise ValueError(f"LarimarConfig.value_encoder_layers must be >= 0, got {self.value_encoder_layers}")
         if self.ridge <= 0:

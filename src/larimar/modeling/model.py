@@ -25,6 +25,7 @@ from larimar.memory import MemoryState
 from larimar.modeling.conditioning import Conditioning, ConditionedDecoder, EmbeddingOffset, KVPrefix, KVShape, OutputOffset
 from larimar.modeling.config import LarimarConfig
 from larimar.modeling.encoder import LatentEncoder, check_texts, tokenize_truncating
+from larimar.modeling.value_code import TokenValueCode
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,24 @@ class Generation:
 
 def default_adapter_dir() -> Path:
     """The trained adapter shipped inside the package (may be absent in a development checkout)."""
-    return Path(__file__).resolve().parent.parent / "assets" / "default"
+    return packaged_adapter_dir("default")
+
+
+def packaged_adapter_dir(name: str) -> Path:
+    """A trained adapter shipped inside the package: "default" or "tokens" (the token value code)."""
+    return Path(__file__).resolve().parent.parent / "assets" / name
+
+
+def adapter_dir(path: str | Path | None) -> Path:
+    """Where an adapter lives: None -> the default; a directory that exists -> itself; otherwise the
+    name of an adapter shipped in the package ("tokens"), if there is one; else the path as given."""
+    if path is None:
+        return default_adapter_dir()
+    p = Path(path).expanduser()
+    if p.exists() or len(p.parts) != 1:
+        return p
+    shipped = packaged_adapter_dir(str(path))
+    return shipped if (shipped / CONFIG_FILE).is_file() else p
 
 
 def fact_value(text: str, prompt: str) -> str:
@@ -98,6 +116,12 @@ class Larimar(nn.Module):
         self.kv_prefix = KVPrefix(C, self.kv_shape, config.prefix_len, config.prefix_hidden)
         self.emb_offset = EmbeddingOffset(C, self.kv_shape.hidden_size) if config.embedding_offset else None
         self.out_offset = OutputOffset(C, self.kv_shape.hidden_size, config.output_hidden, config.output_heads) if config.output_offset else None
+        self.token_code: TokenValueCode | None = None
+        if config.value_code == "tokens":  # values stored as codes of their decoder tokens (our extension)
+            self.token_code = TokenValueCode(self.kv_shape.hidden_size, C, config.value_code_slots)
+            if init_prefix:  # a fresh model (a loaded one gets its trained code from the adapter)
+                self.token_code.init_from_embeddings(decoder.get_input_embeddings().weight)
+            self.token_code.end_id = self.value_code_end_id()
         # M0: learned prior / reference memory (K, C); rows ~ N(0, 1/C) so that ||M0 row|| ~ 1
         g = torch.Generator().manual_seed(0)
         self.M0 = nn.Parameter(torch.randn(K, C, generator=g) / math.sqrt(C))
@@ -124,7 +148,8 @@ class Larimar(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, dtype: torch.dtype = torch.float32, **overrides) -> "Larimar":
-        """Load config + adapter weights from `path` (None: the adapter shipped with the package).
+        """Load config + adapter weights from `path` (None: the adapter shipped with the package; a
+        bare name such as "tokens": another adapter shipped with it, see `adapter_dir`).
 
         If no shipped adapter exists, returns an untrained model with the default config and warns.
         `overrides` replace config fields (e.g. scope_threshold=0.5).
@@ -133,7 +158,7 @@ class Larimar(nn.Module):
 
         from larimar.modeling.loading import load_decoder, load_encoder
 
-        directory = Path(path) if path is not None else default_adapter_dir()
+        directory = adapter_dir(path)
         if not (directory / CONFIG_FILE).is_file():
             if path is not None:
                 raise FileNotFoundError(f"{directory}: no {CONFIG_FILE} (not a saved Larimar model)")
@@ -339,6 +364,9 @@ class Larimar(nn.Module):
         `values` (keyed writes only): one text per fact whose latent is stored instead of the fact's
         (a *value write*, e.g. the object " London" under the key "The Eiffel Tower is in"); the fact
         texts still name the ledger entries (forget) and feed the scope detector.
+
+        With `config.value_code` "tokens" what is stored is the token code of each value (of the text
+        itself when no values are given), and a write without keys addresses each text by its own latent.
         """
         texts = check_texts(texts, "write")
         n, Zk = len(texts), None
@@ -352,6 +380,11 @@ class Larimar(nn.Module):
             values = check_texts(values, "write values")
             if len(values) != n:
                 raise ValueError(f"write: {n} texts but {len(values)} values")
+        if self.token_code is not None:  # token value code: keys (or the texts themselves) through the encoder
+            Z, E = self.encoder.encode_with_embedding(texts + (keys or []), batch_size=batch_size)
+            Zk = Z[n:] if keys is not None else Z  # (N, C): without keys a text is addressed by its own latent
+            self.facts = self.facts.write(texts, self.encode_token_values(values if values is not None else texts), E[:n], Zk)
+            return
         # one encoder pass for texts, keys and values (values through the value encoder, if there is one)
         own_values = values is not None and self.encoder.value_model is not None
         Z, E = self.encoder.encode_with_embedding(texts + (keys or []) + ([] if own_values else values or []), batch_size=batch_size)
@@ -361,6 +394,29 @@ class Larimar(nn.Module):
                 Z = self.encoder.encode_values(values, batch_size=batch_size) if own_values else Zv
         facts = self.facts.write(texts, Z, E, Zk)
         self.facts = facts
+
+    def value_code_end_id(self) -> int:
+        """The decoder token a token code ends with (`config.value_code_end`, one token)."""
+        end = self.tokenizer(self.config.value_code_end, add_special_tokens=False)["input_ids"]
+        if len(end) != 1:
+            raise ValueError(f"value_code_end {self.config.value_code_end!r} must be one decoder token, got {len(end)}")
+        return int(end[0])
+
+    def value_code_ids(self, values: list[str]) -> list[list[int]]:
+        """Value texts -> decoder token ids for the token code: " " + value, its first S - 1 tokens, then the end token."""
+        if self.token_code is None:
+            raise ValueError("value_code_ids: this model stores encoder latents (config.value_code is 'encoder')")
+        end = self.value_code_end_id()
+        S = self.config.value_code_slots
+        ids = self.tokenizer([" " + v.strip() for v in values], add_special_tokens=False)["input_ids"]
+        return [list(row[: S - 1]) + [end] for row in ids]
+
+    def encode_token_values(self, values: list[str]) -> torch.Tensor:
+        """(N,) value texts -> (N, C) token codes (`TokenValueCode.encode`), no gradient."""
+        if self.token_code is None:
+            raise ValueError("encode_token_values: this model stores encoder latents (config.value_code is 'encoder')")
+        with torch.no_grad():
+            return self.token_code.encode(self.decoder.get_input_embeddings().weight, self.value_code_ids(values))
 
     def write_facts(self, texts: list[str], prompts: list[str], batch_size: int = 128) -> None:
         """Write facts whose prompts are known: keyed by the prompts when `config.keyed_writes` (each fact
@@ -425,7 +481,9 @@ class Larimar(nn.Module):
         """
         offset = self.emb_offset(z) if self.emb_offset is not None else None
         output = self.out_offset(z, q) if self.out_offset is not None else None
-        return Conditioning(self.kv_prefix(z), offset, output, self.out_offset)
+        if self.token_code is None:
+            return Conditioning(self.kv_prefix(z), offset, output, self.out_offset)
+        return Conditioning(self.kv_prefix(z), offset, output, self.out_offset, z, self.token_code)
 
     def _embed_for_scope(self, texts: list[str]) -> torch.Tensor:
         return self.encoder.embed(texts)

@@ -1,0 +1,212 @@
+"""Token value code: binding algebra, decoding, the decoder paths, and the model's writes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from larimar.modeling.conditioning import ConditionedDecoder
+from larimar.modeling.config import LarimarConfig
+from larimar.modeling.model import Larimar
+from larimar.modeling.value_code import TokenValueCode
+from larimar.testing import tiny_larimar
+
+
+def code_and_embeddings(V: int = 400, H: int = 96, C: int = 64, slots: int = 5) -> tuple[TokenValueCode, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    E = torch.randn(V, H, generator=g)
+    code = TokenValueCode(H, C, slots)
+    code.init_from_embeddings(E)
+    return code, E
+
+
+def decode_chain(code: TokenValueCode, E: torch.Tensor, z: torch.Tensor, start: int, n: int) -> list[int]:
+    out, prev, prev2 = [], torch.tensor([start]), torch.tensor([-1])
+    for _ in range(n):
+        prev, prev2 = code.logit_bias(z, prev, E, prev2=prev2).argmax(-1), prev
+        out.append(int(prev))
+    return out
+
+
+def test_unbind_inverts_bind_and_is_orthogonal():
+    code, _ = code_and_embeddings()
+    u = torch.randn(3, 64)
+    for k in range(code.slots):
+        b = code.bind(u, k)
+        torch.testing.assert_close(code.unbind(b, k), u)
+        torch.testing.assert_close(b.norm(dim=-1), u.norm(dim=-1))
+
+
+def test_encode_is_the_normalised_sum_of_bound_units():
+    code, E = code_and_embeddings()
+    ids = [5, 17, 3]
+    u = code.units(E, torch.tensor(ids))
+    manual = sum(code.bind(u[k], k) for k in range(3))
+    torch.testing.assert_close(code.encode(E, [ids])[0], manual / manual.norm())
+
+
+def test_codes_decode_token_by_token_from_any_start_token():
+    """Untrained (PCA-initialised) code, C = H = 96: three distinct tokens come back in order."""
+    code, E = code_and_embeddings(C=96)
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randperm(399, generator=g)[:3].add(1).tolist() for _ in range(20)]  # 0 is the "prompt" token
+    z = code.encode(E, seqs)
+    for i, ids in enumerate(seqs):
+        assert decode_chain(code, E, z[i : i + 1], 0, 3) == ids
+
+
+def test_the_token_before_tells_repeated_tokens_apart():
+    """[a, b, b, c]: after "b" comes "b" (read after "a") or "c" (read after "b"); prev alone cannot tell."""
+    code, E = code_and_embeddings(C=96)
+    seq = [11, 42, 42, 7]
+    z = code.encode(E, [seq])
+    assert decode_chain(code, E, z, 0, 4) == seq
+    with torch.no_grad():
+        code.w_prev2.zero_()
+    assert decode_chain(code, E, z, 0, 4) != seq
+
+
+def test_after_the_end_token_the_code_starts_over():
+    code, E = code_and_embeddings(C=96)
+    seq = [11, 42, 399]  # 399 plays the end token
+    z = code.encode(E, [seq])
+    after_end = code.logit_bias(z, torch.tensor([399]), E, prev2=torch.tensor([42])).argmax(-1)
+    assert int(after_end) != 11  # without an end id the empty slot after it is read: noise
+    code.end_id = 399
+    assert int(code.logit_bias(z, torch.tensor([399]), E, prev2=torch.tensor([42])).argmax(-1)) == 11
+
+
+def test_sequence_bias_is_the_per_position_bias():
+    code, E = code_and_embeddings()
+    z = code.encode(E, [[1, 2, 3], [4, 5]])
+    ids = torch.tensor([[7, 1, 2], [9, 4, 6]])
+    full = code.sequence_bias(z, ids, E)  # (2, 3, V)
+    for b in range(2):
+        for t in range(3):
+            before = ids[b, t - 1 : t] if t > 0 else torch.tensor([-1])
+            torch.testing.assert_close(full[b, t], code.logit_bias(z[b : b + 1], ids[b, t : t + 1], E, prev2=before)[0])
+    # a padded position counts as no token before the next one
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    padded = code.sequence_bias(z, ids, E, mask)
+    torch.testing.assert_close(padded[0, 1], code.logit_bias(z[:1], ids[0, 1:2], E, prev2=torch.tensor([-1]))[0])
+    torch.testing.assert_close(padded[1], full[1])
+
+
+def test_encode_rejects_bad_lengths():
+    code, E = code_and_embeddings(slots=3)
+    with pytest.raises(ValueError, match="1..3"):
+        code.encode(E, [[1, 2, 3, 4]])
+    with pytest.raises(ValueError, match="1..3"):
+        code.encode(E, [[]])
+
+
+def test_config_validates_the_value_code():
+    with pytest.raises(ValueError, match="value_code"):
+        LarimarConfig(value_code="bytes")
+    with pytest.raises(ValueError, match="value_code_slots"):
+        LarimarConfig(value_code="tokens", value_code_slots=1)
+    with pytest.raises(ValueError, match="value_encoder_layers"):
+        LarimarConfig(value_code="tokens", value_encoder_layers=2)
+
+
+TINY_WORDS = ["the", "is", "and", "of", "in", "capital", "Paris", "red", "cat", "a", "to", "Rome"]
+
+
+def tiny_strings(n: int, seed: int) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(TINY_WORDS[int(i)] for i in torch.randint(0, len(TINY_WORDS), (2,), generator=g)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def model() -> Larimar:
+    """A tiny model whose code (C = 32) is trained for a few steps on two-word strings of a tiny vocabulary."""
+    from larimar.training.token_code import train_token_code
+
+    torch.manual_seed(0)
+    m = tiny_larimar(latent_size=32, keyed_writes=True, value_writes=True, value_code="tokens", value_code_slots=4)
+    train_token_code(m, tiny_strings(300, 0), steps=150, lr=1e-2, batch=32, noise=0.1, log=lambda _: None)
+    return m
+
+
+def test_model_writes_token_codes_keyed_by_the_prompts(model):
+    model.reset_memory()
+    texts, prompts = ["the sky is blue.", "grass is green."], ["the sky is", "grass is"]
+    model.write_facts(texts, prompts)
+    torch.testing.assert_close(model.facts.Z.float(), model.encode_token_values(["blue", "green"]), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(model.facts.keys.float(), model.encoder(prompts).detach(), atol=1e-6, rtol=1e-6)
+    model.reset_memory()
+    model.write(["plain text"])  # no key: addressed by the text's own latent, storing the text's code
+    torch.testing.assert_close(model.facts.keys.float(), model.encoder(["plain text"]).detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(model.facts.Z.float(), model.encode_token_values(["plain text"]), atol=1e-6, rtol=1e-6)
+    model.reset_memory()
+
+
+def test_value_code_ids_end_with_the_end_token_and_truncate(model):
+    end = model.tokenizer("\n", add_special_tokens=False)["input_ids"]  # the default end token
+    assert [model.value_code_end_id()] == end
+    ids = model.value_code_ids(["ab", "a much longer value than four tokens can hold"])
+    assert ids[0] == model.tokenizer(" ab", add_special_tokens=False)["input_ids"] + end
+    assert len(ids[1]) == 4 and ids[1][-1] == end[0]
+
+
+def test_generation_spells_the_stored_value(model):
+    """The tiny random decoder's own logits are small, so the code's bias decides every token (values of
+    two tokens each in the tiny vocabulary, plus the end token)."""
+    model.reset_memory()
+    prompts = ["the sky is", "grass is"]
+    model.write_facts(["the sky is capital Paris.", "grass is and the."], prompts)
+    for p, value in zip(prompts, ["capital Paris", "and the"]):
+        want = model.value_code_ids([value])[0]
+        out = model.generate([p], max_new_tokens=len(want), use_memory="always")[0]
+        assert model.tokenizer(out, add_special_tokens=False)["input_ids"] == want
+    model.reset_memory()
+
+
+def one_fact(model: Larimar):
+    """Memory holding "the sky is capital Paris." -> (its prompt's conditioning, prompt ids (1, T), a runner)."""
+    model.reset_memory()
+    model.write_facts(["the sky is capital Paris."], ["the sky is"])
+    cond = model.condition_prompts(["the sky is"])
+    ids = torch.tensor([model.tokenizer("the sky is", add_special_tokens=False)["input_ids"]])
+    return cond, ids, ConditionedDecoder(model.decoder)
+
+
+def test_generate_matches_teacher_forced_forward(model):
+    cond, ids, runner = one_fact(model)
+    new = runner.generate(ids, torch.ones_like(ids), cond, max_new_tokens=3)  # the value's two tokens and the end
+    assert new[0].tolist() == model.value_code_ids(["capital Paris"])[0]
+    full = torch.cat([ids, new], dim=1)
+    logits = runner.forward(full, torch.ones_like(full), cond).logits
+    assert logits[0, ids.shape[1] - 1 : -1].argmax(-1).tolist() == new[0].tolist()
+    model.reset_memory()
+
+
+def test_the_code_starts_over_after_its_end_token(model):
+    """After the end token the code spells the value again (memory keeps control of the generation)."""
+    cond, ids, runner = one_fact(model)
+    new = runner.generate(ids, torch.ones_like(ids), cond, max_new_tokens=6)
+    want = model.value_code_ids(["capital Paris"])[0]
+    assert new[0].tolist() == want + want
+    model.reset_memory()
+
+
+def test_release_mask_stops_the_code(model):
+    cond, ids, runner = one_fact(model)
+    first = runner.generate(ids, torch.ones_like(ids), cond, max_new_tokens=1)
+    every = torch.ones(model.decoder.config.vocab_size, dtype=torch.bool)  # any token releases
+    released = runner.generate(ids, torch.ones_like(ids), cond, max_new_tokens=3, release_mask=every)
+    plain = runner.generate(torch.cat([ids, first], 1), torch.ones(1, ids.shape[1] + 1, dtype=torch.long), cond.__class__(cond.prefix, cond.offset), max_new_tokens=2)
+    assert released[0, 0] == first[0, 0] and released[0, 1:].tolist() == plain[0].tolist()
+    model.reset_memory()
+
+
+def test_adapter_round_trip_keeps_the_code(model):
+    with torch.no_grad():
+        model.token_code.log_tau[0] += 0.5
+    state = model.adapter_state()
+    assert {"token_code.G", "token_code.log_tau", "token_code.perm", "token_code.sign", "token_code.mu"} <= set(state)
+    again = tiny_larimar(latent_size=32, keyed_writes=True, value_writes=True, value_code="tokens", value_code_slots=4)
+    assert not torch.equal(again.token_code.log_tau, model.token_code.log_tau)
+    again.load_adapter_state(state)
+    torch.testing.assert_close(again.token_code.log_tau, model.token_code.log_tau)
+    torch.testing.assert_close(again.encode_token_values(["blue"]), model.encode_token_values(["blue"]))
