@@ -128,6 +128,12 @@ def run(args: argparse.Namespace) -> int:
     last = output / "checkpoints" / "last.ckpt"
     ckpt = str(last) if last.is_file() and not args.no_resume and not args.fast_dev_run else None
     ws_cfg = train_cfg["warmstart"]
+    if train_cfg.get("token_code") and not args.fast_dev_run:  # the token value code alone (decoder-free)
+        module.configure_model()
+        run_token_code(module.model, train_cfg, output)
+        export_adapter(module, output / "adapter")
+        print(f"adapter exported to {output / 'adapter'}")
+        return 0
     if ws_cfg["steps"] > 0 and not args.fast_dev_run:
         module.configure_model()
         run_warmstart(module.model, train_cfg, output / "warmstart", resume=not args.no_resume)
@@ -165,8 +171,12 @@ def load_initial_adapter(model, init: Path) -> Path:
     state = {k: v.float() for k, v in load_file(str(path)).items()}
     if model.out_offset is not None:
         state = model.out_offset.expand_state(state, prefix="out_offset.")
-    if not any(k.startswith("encoder.value_model.") for k in state):
-        state.update({k: v for k, v in model.adapter_state().items() if k.startswith("encoder.value_model.")})
+    elif any(k.startswith("out_offset.") for k in state):  # e.g. a token-code model: its code replaces the offset
+        state = {k: v for k, v in state.items() if not k.startswith("out_offset.")}
+        print(f"{path}: its output offset is not used (this config has output_offset: false)")
+    for part in ("encoder.value_model.", "token_code."):  # parts the file lacks keep their initial values
+        if not any(k.startswith(part) for k in state):
+            state.update({k: v for k, v in model.adapter_state().items() if k.startswith(part)})
     model.load_adapter_state(state)
     print(f"initialised from {path}")
     return path.parent
@@ -199,6 +209,44 @@ def _inherit_scope(model, init_dir: Path, *, keep_latents: bool) -> None:
         model.set_scope_idf(idf)
     if not keep_latents and (cfg_path.is_file() or idf is not None):
         print("warm start: the encoder head trains, so the inherited scope threshold is only a starting point: recalibrate it (larimar scope)")
+
+
+TOKEN_CODE_KEYS = {"init_adapter", "strings", "val_strings", "calibration_items", "steps", "lr", "batch", "noise"}
+
+
+def run_token_code(model, train_cfg: dict, output: Path) -> None:
+    """Train and calibrate the token value code (`larimar.training.token_code`) from `train.token_code`:
+    init_adapter (its other weights and scope detector are kept), strings, val_strings,
+    calibration_items, steps, lr, batch, noise. Writes `output/token_code_history.json`."""
+    import json
+    import random
+
+    from larimar.training.data import corpus_spans, question_items
+    from larimar.training.token_code import calibrate_token_code, train_token_code
+
+    tc, d = train_cfg["token_code"], train_cfg["data"]
+    if model.token_code is None:
+        raise ValueError("train.token_code needs model.value_code: tokens")
+    unknown = sorted(set(tc) - TOKEN_CODE_KEYS)
+    if unknown:
+        raise ValueError(f"train.token_code: unknown keys {unknown} (expected some of {sorted(TOKEN_CODE_KEYS)})")
+    if not d.get("question_templates"):
+        raise ValueError("train.token_code calibrates on PARAREL questions: set data.question_templates")
+    if tc.get("init_adapter"):
+        directory_in = load_initial_adapter(model, Path(tc["init_adapter"]))
+        _inherit_scope(model, directory_in, keep_latents=True)
+    strings = corpus_spans(d["text_root"], int(tc.get("strings", 60000)), d["seed"], exclude_eval_from=d.get("exclude_eval_from"))
+    strings += [str(y) for y in range(1000, 2030)]
+    random.Random(d["seed"]).shuffle(strings)
+    n_val, n_cal = int(tc.get("val_strings", 1000)), int(tc.get("calibration_items", 300))
+    val, cal, train = strings[:n_val], strings[n_val : n_val + n_cal], strings[n_val + n_cal :]
+    history = train_token_code(
+        model, train, val_strings=val, steps=int(tc.get("steps", 400)), lr=float(tc.get("lr", 3e-3)),
+        batch=int(tc.get("batch", 64)), noise=float(tc.get("noise", 0.3)), seed=d["seed"],
+    )
+    items = question_items(d["pararel_root"], d["question_templates"], cal, seed=d["seed"], exclude_eval_from=d.get("exclude_eval_from"))
+    calibration = calibrate_token_code(model, items)
+    (output / "token_code_history.json").write_text(json.dumps({"history": history, "calibration": calibration}, indent=2) + "\n")
 
 
 def run_warmstart(model, train_cfg: dict, directory: Path, *, resume: bool = True) -> None:

@@ -245,6 +245,30 @@ def load_question_templates(path: str | Path) -> dict[str, str]:
     return {str(k): v.strip() for k, v in raw.items() if isinstance(v, str) and v.count("[X]") == 1}
 
 
+def question_items(
+    pararel_root: str | Path,
+    question_templates: str | Path,
+    values: list[str],
+    *,
+    seed: int = 0,
+    exclude_eval_from: str | Path | None = None,
+) -> list[tuple[str, str]]:
+    """(question, value) pairs: each value answers a PARAREL relation's question about one of its
+    subjects ("Which country is X located in?", value), relations and subjects drawn at random
+    (evaluation subjects under `exclude_eval_from` removed). The values are arbitrary strings: these
+    are counterfactual facts, as edits are."""
+    exclude = _eval_subjects(Path(exclude_eval_from)) if exclude_eval_from else set()
+    relations = [r for r in load_relations(pararel_root, exclude_subjects=exclude, question_templates=question_templates).values() if r.question]
+    if not relations:
+        raise ValueError(f"question_items: no PARAREL relation under {pararel_root} has a question template")
+    rng = random.Random(seed)
+    out = []
+    for value in values:
+        r = rng.choice(relations)
+        out.append((r.question.replace("[X]", rng.choice(r.subjects)), value))
+    return out
+
+
 OBJECT_POOLS = ("relation", "open", "mixed")
 UNKNOWN_OBJECT = "unknown"
 

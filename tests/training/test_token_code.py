@@ -1,0 +1,107 @@
+"""Token value code training: pairs, loss falling, calibration against the decoder, run_token_code."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from larimar.testing import tiny_larimar
+from larimar.training.data import question_items
+from larimar.training.token_code import calibrate_token_code, code_accuracy, code_pairs, train_token_code
+
+
+def tiny(**over):
+    torch.manual_seed(0)
+    return tiny_larimar(latent_size=32, keyed_writes=True, value_writes=True, value_code="tokens", value_code_slots=4, **over)
+
+
+def test_code_pairs_walk_each_sequence_from_a_start_token():
+    rows, prev, prev2, tgt = code_pairs([[5, 6, 9], [7, 9]], random.Random(0), starts=[1], vocab_size=10, start_prob=1.0)
+    assert rows.tolist() == [0, 0, 0, 1, 1]
+    assert prev.tolist() == [1, 5, 6, 1, 7]
+    assert prev2.tolist() == [1, 1, 5, 1, 1]
+    assert tgt.tolist() == [5, 6, 9, 7, 9]
+
+
+def test_training_lowers_the_loss_and_raises_accuracy():
+    m = tiny()
+    strings = [f"{a} {b}" for a in ("the", "is", "and", "of") for b in ("capital", "Paris", "in", "to")]
+    before = code_accuracy(m, m.value_code_ids(strings))["sequence"]
+    hist = train_token_code(m, strings, val_strings=strings, steps=60, lr=1e-2, batch=16, noise=0.0, log_every=20, log=lambda _: None)
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    assert hist[-1]["val_sequence"] > before
+    with pytest.raises(ValueError, match="no training strings"):
+        train_token_code(m, [], steps=1)
+
+
+def test_calibration_picks_the_smallest_best_factor_and_scales_the_temperature():
+    m = tiny()
+    tau = float(m.token_code.log_tau.detach()[0])
+    out = calibrate_token_code(m, [("the sky is", "capital Paris"), ("grass is", "and the")], factors=(1.0, 4.0), log=lambda _: None)
+    acc = {float(k): v for k, v in out["factors"].items()}
+    best = max(acc.values())
+    assert out["chosen"] == min(f for f, a in acc.items() if a >= best - 0.005)
+    assert float(m.token_code.log_tau.detach()[0]) == pytest.approx(tau + math.log(out["chosen"]))
+
+
+def test_encoder_models_refuse_token_code_training():
+    m = tiny_larimar()
+    with pytest.raises(ValueError, match="token value code"):
+        train_token_code(m, ["a"], steps=1)
+
+
+def write_pararel(tmp_path):
+    """A one-relation PARAREL tree and its question template file -> (pararel root, templates path)."""
+    pr = tmp_path / "pararel"
+    (pr / "graphs_json").mkdir(parents=True)
+    (pr / "trex_lms_vocab").mkdir()
+    (pr / "graphs_json" / "P1.jsonl").write_text(json.dumps({"pattern": "[X] was born in [Y]."}) + "\n")
+    facts = [{"sub_label": f"Person {i}", "obj_label": c} for i, c in enumerate(["Paris", "Rome"])]
+    (pr / "trex_lms_vocab" / "P1.jsonl").write_text("\n".join(json.dumps(f) for f in facts) + "\n")
+    q = tmp_path / "q.json"
+    q.write_text(json.dumps({"P1": "Which city was [X] born in?"}))
+    return pr, q
+
+
+def test_question_items_ask_relation_questions(tmp_path):
+    pr, q = write_pararel(tmp_path)
+    items = question_items(pr, q, ["Oslo", "Lima"], seed=0)
+    assert [v for _, v in items] == ["Oslo", "Lima"]
+    assert all(p.startswith("Which city was Person ") and p.endswith(" born in?") for p, _ in items)
+    q.write_text(json.dumps({"P9": "Where is [X]?"}))
+    with pytest.raises(ValueError, match="question template"):
+        question_items(pr, q, ["Oslo"])
+
+
+def test_run_token_code_trains_calibrates_and_keeps_the_initial_adapter(tmp_path):
+    from larimar.training.cli import run_token_code
+    from larimar.training.module import TRAIN_DEFAULTS, merge
+
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "a.txt").write_text(" ".join(f"The capital of France is Paris and line {i} goes on." for i in range(40)))
+    pr, q = write_pararel(tmp_path)
+    init = tiny_larimar(latent_size=32, output_offset=True, output_hidden=8)  # an encoder-code adapter with an output offset
+    with torch.no_grad():
+        init.M0.mul_(2.0)
+    init.save_pretrained(tmp_path / "init")
+    m = tiny()
+    cfg = merge(TRAIN_DEFAULTS, {
+        "data": {"text_root": str(text), "pararel_root": str(pr), "exclude_eval_from": None, "question_templates": str(q)},
+        "token_code": {"init_adapter": str(tmp_path / "init"), "strings": 30, "val_strings": 5, "calibration_items": 4,
+                       "steps": 3, "batch": 4},
+    })
+    run_token_code(m, cfg, tmp_path)
+    torch.testing.assert_close(m.M0, init.M0)  # the initial adapter's weights, its output offset dropped
+    rec = json.loads((tmp_path / "token_code_history.json").read_text())
+    assert rec["history"][-1]["step"] == 3 and "chosen" in rec["calibration"]
+    with pytest.raises(ValueError, match="value_code: tokens"):
+        run_token_code(tiny_larimar(), cfg, tmp_path)
+    with pytest.raises(ValueError, match="unknown keys"):
+        run_token_code(m, merge(cfg, {"token_code": {"stpes": 3}}), tmp_path)
+    with pytest.raises(ValueError, match="question_templates"):
+        run_token_code(m, merge(cfg, {"data": {"question_templates": None}}), tmp_path)
