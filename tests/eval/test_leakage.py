@@ -145,3 +145,18 @@ def test_real_systems_on_tiny_model_run(tmp_path):
     base = lk.BaseSystem(model, temperature=1.0, top_p=0.95, batch_size=4)
     r3 = lk.attack_case(base, CASES[1], budget=5, max_new_tokens=3, seed=0)
     assert sum(r3["counts"]) == 5
+
+
+@pytest.mark.parametrize("release", [False, True])
+def test_larimar_system_passes_release_after_answer(monkeypatch, release):
+    seen = {}
+
+    def fake(model, prompts, **kw):
+        seen.update(kw)
+        return ["x"] * len(prompts)
+
+    monkeypatch.setattr(lk, "batched_generate", fake)
+    lar = lk.LarimarSystem(tiny_larimar(), use_memory="always", release_after_answer=release, temperature=1.0, top_p=0.95, batch_size=4)
+    lar.apply(CASES[0])
+    lar.sample([CASES[0].prompt], max_new_tokens=2, seed=0)
+    assert seen["release_after_answer"] is release and seen["do_sample"] is True

@@ -161,17 +161,21 @@ def attack_case(system: AttackSystem, case: "EditCase", *, budget: int, max_new_
 
 
 class _Sampler:
-    def __init__(self, model: "Larimar", *, temperature: float, top_p: float, batch_size: int, use_memory: str) -> None:
+    def __init__(
+        self, model: "Larimar", *, temperature: float, top_p: float, batch_size: int, use_memory: str, release_after_answer: bool = False
+    ) -> None:
         self.model = model
         self.temperature = float(temperature)
         self.top_p = float(top_p)
         self.batch_size = int(batch_size)
         self.use_memory = use_memory
+        self.release_after_answer = bool(release_after_answer)
 
     def sample(self, prompts: list[str], *, max_new_tokens: int, seed: int) -> list[str]:
         return batched_generate(
             self.model, prompts, max_new_tokens=max_new_tokens, use_memory=self.use_memory, batch_size=self.batch_size,
             do_sample=True, temperature=self.temperature, top_p=self.top_p, seed=seed,
+            release_after_answer=self.release_after_answer,
         )
 
 
@@ -191,12 +195,13 @@ class BaseSystem(_Sampler):
 
 
 class LarimarSystem(_Sampler):
-    """Larimar with ``"{prompt} unknown."`` written to an empty memory."""
+    """Larimar with ``"{prompt} unknown."`` written to an empty memory (``release_after_answer``: memory
+    conditions each attack continuation only up to its first sentence end, see :meth:`Larimar.generate`)."""
 
     name = "larimar"
 
-    def __init__(self, model: "Larimar", *, use_memory: str = "auto", **kw: Any) -> None:
-        super().__init__(model, use_memory=use_memory, **kw)
+    def __init__(self, model: "Larimar", *, use_memory: str = "auto", release_after_answer: bool = False, **kw: Any) -> None:
+        super().__init__(model, use_memory=use_memory, release_after_answer=release_after_answer, **kw)
         self.last_routed: float | None = None
 
     def apply(self, case: "EditCase") -> None:
@@ -431,6 +436,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--systems", default="base,larimar,rome", help="comma-separated subset of base,larimar,rome")
     p.add_argument("--scan-max", type=int, default=None, help="scan at most this many cases for known facts")
     p.add_argument("--use-memory", choices=("auto", "always"), default="auto", help="Larimar query routing (default auto)")
+    p.add_argument("--release-after-answer", action="store_true",
+                   help="Larimar's memory conditions each attack continuation only up to its first sentence end")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
     p.add_argument("--max-new-tokens", type=int, default=12, help="tokens per continuation (default 12)")
@@ -459,6 +466,7 @@ def run(args: argparse.Namespace) -> int:
         "systems": names,
         "scan_max": args.scan_max,
         "use_memory": args.use_memory,
+        **({"release_after_answer": True} if args.release_after_answer else {}),  # (absent from older runs' configs)
         "temperature": args.temperature,
         "top_p": args.top_p,
         "max_new_tokens": args.max_new_tokens,
@@ -475,7 +483,7 @@ def run(args: argparse.Namespace) -> int:
         if name == "base":
             systems[name] = BaseSystem(model, **kw)
         elif name == "larimar":
-            systems[name] = LarimarSystem(model, use_memory=args.use_memory, **kw)
+            systems[name] = LarimarSystem(model, use_memory=args.use_memory, release_after_answer=args.release_after_answer, **kw)
         else:
             systems[name] = RomeSystem(model, rome_hp, **kw)
     run_leakage(

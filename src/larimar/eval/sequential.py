@@ -175,6 +175,7 @@ def batched_generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int | None = None,
+    release_after_answer: bool = False,
 ) -> list[str]:
     """``model.generate`` over ``prompts`` in batches of ``batch_size`` (left-padded, new text only).
 
@@ -192,6 +193,7 @@ def batched_generate(
             temperature=temperature,
             top_p=top_p,
             seed=None if seed is None else int(seed) + b,
+            release_after_answer=release_after_answer,
         )
     return out
 
@@ -940,7 +942,7 @@ def add_common_arguments(p: argparse.ArgumentParser, *, data_help: str, n_defaul
     p.add_argument("--out", required=True, help="output directory (resumable)")
     p.add_argument("--data", default=None, help=data_help)
     p.add_argument("--n", type=int, default=n_default, help=n_help)
-    p.add_argument("--model", default=None, help="Larimar model directory (default: the shipped adapter)")
+    p.add_argument("--model", default=None, help="Larimar model directory, or a shipped adapter's name: default, tokens (default: default)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generation / scoring batch (default 16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
