@@ -129,4 +129,21 @@ echo "=== $(date +%T) value probe"
 .venv/bin/python scripts/value_probe.py --text-spans 60000 --epochs 6 --out reports/value_probe_spans_6ep.json                    # session 10
 .venv/bin/python scripts/value_probe.py --text-spans 60000 --epochs 6 --train-encoder --scope-cases 500 --out reports/value_probe_spans_encoder.json  # session 10, ~33 min
 echo "=== $(date +%T) python scripts/key_slots_demo.py"; .venv/bin/python scripts/key_slots_demo.py --out reports/key_slots_demo.json
+# session 13: the token value code (configs/small-tokens.yaml, ~5 min on the CPU; shipped as src/larimar/assets/tokens,
+# loaded with --model tokens). The same commands as the default adapter's rows.
+M=tokens
+run eval zsre        --method larimar --model $M --n 200 --out "$R/zsre_larimar_tokens"
+run eval sequential  --model $M --n 1000 --eval-max 200 --eval-every 500 --methods larimar --addressing gaussian --out "$R/sequential_keyslots_tokens"
+for N in 100 50; do
+  rm -rf "$R/zsre_larimar_tokens_first$N"; cp -r "$R/zsre_larimar_tokens" "$R/zsre_larimar_tokens_first$N"
+  run eval zsre --method larimar --model $M --n $N --out "$R/zsre_larimar_tokens_first$N"
+done
+run eval leakage     --model $M --n 30 --systems larimar --out "$R/leakage_tokens"
+run eval forget      --model $M --n 5 --no-icl --addressing gaussian --out "$R/forget_keyslots_tokens"
+run eval counterfact --method larimar --model $M --n 500 --out "$R/cf_larimar_tokens"
+run eval counterfact --method larimar --model $M --n 500 --out "$R/cf_larimar_2reph_tokens" --set n_rephrases=2
+run eval forget      --model $M --n 5 --no-icl --out "$R/forget_noicl_tokens"
+run eval robustness  --model $M --n 30 --memory-facts 512 --out "$R/robustness_m512_tokens"
+run eval leakage     --model $M --n 30 --systems larimar --release-after-answer --out "$R/leakage_tokens_released"
+run eval leakage     --n 30 --systems larimar --release-after-answer --out "$R/leakage_released"
 echo "=== $(date +%T) done"

@@ -108,3 +108,30 @@ def test_shipped_adapter_recalls_from_a_full_keyed_memory(model):
     wins = int((nll[:, 0] < nll[:, 1]).sum())
     model.reset_memory()
     assert wins >= 12, wins
+
+
+def test_shipped_token_code_adapter_spells_rare_answers_from_a_full_memory():
+    """The `tokens` adapter (token value code): both shipped adapters fit the size limit together, and
+    64 rare two-word answers written one by one into key slots come back spelled exactly (60 of 64
+    when this test was written; the misses had a wrong first token)."""
+    from larimar.modeling.config import LarimarConfig
+    from larimar.modeling.model import Larimar, default_adapter_dir, packaged_adapter_dir
+
+    d = packaged_adapter_dir("tokens")
+    cfg = LarimarConfig.load(d / "config.json")
+    assert cfg.value_code == "tokens" and cfg.trained and not cfg.output_offset
+    total = sum(f.stat().st_size for x in (d, default_adapter_dir()) for f in x.iterdir())
+    assert total <= 40 * 2**20
+    m = Larimar.from_pretrained("tokens")
+    first = ["Anna", "Boris", "Carla", "Dmitri", "Elena", "Farid", "Greta", "Hugo"]
+    last = ["Shmavonyan", "Dolichopod", "Konyaspor", "Lamiinae", "Vardar", "Pedersen", "Ruisdael", "Gabellini"]
+    answers = [f"{f} {surname}" for surname in last for f in first]
+    places = ("Oslo", "Lima", "Quito", "Perth", "Dakar", "Hanoi", "Riga", "Cork")
+    kinds = ("old", "new", "tall", "red", "glass", "stone", "round", "white")
+    prompts = [f"Who designed the {w} building in {c}?" for c in places for w in kinds]
+    m.facts = m.key_slot_memory()
+    for p, a in zip(prompts, answers):
+        m.write_facts([f"{p} {a}."], [p])
+    outs = m.generate(prompts, max_new_tokens=12, use_memory="always")
+    right = sum(o.strip().split("\n")[0] == a for o, a in zip(outs, answers))  # the first line is the answer
+    assert right >= 56, [(o, a) for o, a in zip(outs, answers) if o.strip().split("\n")[0] != a]
