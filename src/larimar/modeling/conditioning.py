@@ -357,8 +357,7 @@ class ConditionedDecoder:
         new_tokens = []
         logits = out.logits[:, -1, :]
         if has_code:
-            prev2 = input_ids[:, -2] if input_ids.shape[1] > 1 else torch.full_like(input_ids[:, -1], -1)
-            prev2 = torch.where(attention_mask[:, -2] > 0, prev2, -1) if input_ids.shape[1] > 1 else prev2  # padding: none
+            prev2 = head.tokens_before(input_ids, attention_mask)[:, -1]  # (B,), -1 where none
             logits = logits + code_bias(input_ids[:, -1], prev2).to(logits.dtype)
             prev2 = input_ids[:, -1]
         for step in range(max_new_tokens):

@@ -151,13 +151,27 @@ class TokenValueCode(nn.Module):
         r = self.next_unit(z, self.units(E, prev), u2, prev == self.end_id)
         return self.log_tau[0].exp() * (r @ U.T)  # (N, V)
 
-    def sequence_bias(self, z: torch.Tensor, input_ids: torch.Tensor, E: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """z (B, C), input_ids (B, T) -> (B, T, V): the bias on the logits at every position (a padded
-        position, where `attention_mask` is 0, counts as no token before the next one)."""
-        B, T = input_ids.shape
-        U = self.units(E)
-        zz = z.unsqueeze(1).expand(B, T, z.shape[-1]).reshape(B * T, -1)  # (B*T, C)
-        before = F.pad(input_ids, (1, 0), value=-1)[:, :-1]  # (B, T): the token before each, -1 at t = 0
+    @staticmethod
+    def tokens_before(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> (B, T): the token before each position, -1 where there is none (t = 0, or a
+        padded position before it, where `attention_mask` is 0)."""
+        before = F.pad(input_ids, (1, 0), value=-1)[:, :-1]
         if attention_mask is not None:
             before = torch.where(F.pad(attention_mask, (1, 0), value=0)[:, :-1] > 0, before, -1)
+        return before
+
+    def sequence_bias(
+        self,
+        z: torch.Tensor,
+        input_ids: torch.Tensor,
+        E: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        vocab_units: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """z (B, C), input_ids (B, T) -> (B, T, V): the bias on the logits at every position (see
+        `tokens_before` for padding; `vocab_units` as in `logit_bias`)."""
+        B, T = input_ids.shape
+        U = self.units(E) if vocab_units is None else vocab_units
+        zz = z.unsqueeze(1).expand(B, T, z.shape[-1]).reshape(B * T, -1)  # (B*T, C)
+        before = self.tokens_before(input_ids, attention_mask)  # (B, T)
         return self.logit_bias(zz, input_ids.reshape(-1), E, U, before.reshape(-1)).view(B, T, -1)

@@ -142,6 +142,7 @@ def calibrate_token_code(
     if not items:
         raise ValueError("calibrate_token_code: no calibration items")
     code, E, tok = model.token_code, model.decoder.get_input_embeddings().weight, model.tokenizer
+    U = code.units(E)  # (V, C) once: the code does not change while it is calibrated
     hits = {f: 0 for f in factors}
     for prompt, value in items:
         p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
@@ -150,7 +151,7 @@ def calibrate_token_code(
         z = model.encode_token_values([value]).to(model.M0.dtype)  # (1, C)
         cond = replace(model.conditioning(z, model.encoder([prompt]).to(model.M0.dtype)), code=None)
         base = model.runner.forward(ids, torch.ones_like(ids), cond).logits[0].float()  # (T, V) without the code
-        bias = code.sequence_bias(z, ids, E)[0].float()  # (T, V)
+        bias = code.sequence_bias(z, ids, E, vocab_units=U)[0].float()  # (T, V)
         L, target = len(p_ids), torch.tensor(v_ids, device=model.device)
         for f in factors:
             pred = (base + f * bias)[L - 1 : L - 1 + len(v_ids)].argmax(-1)
