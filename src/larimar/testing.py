@@ -17,7 +17,9 @@ Models are returned in eval mode. The global torch RNG is left untouched (initia
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -143,6 +145,20 @@ def tiny_bert_tokenizer(*, vocab_size: int = 256) -> PreTrainedTokenizerFast:
         sep_token="[SEP]",
         mask_token="[MASK]",
     )
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch on one thread inside the block (restored after). Tiny models are faster that way, and a
+    result no longer depends on how a busy machine splits float reductions across threads."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _seeded_init(seed: int, build):  # noqa: ANN001, ANN202 - tiny internal helper

@@ -39,13 +39,7 @@ BUILTINS = ("unedited", "prompt", "ike", "ft_l", "rome", "grace")
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are much faster single-threaded (and immune to a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: faster on one thread, immune to a busy machine
 
 
 @pytest.fixture(params=["gpt2", "llama"])

@@ -16,12 +16,7 @@ REQ2 = EditRequest("The capital of Japan is", "Japan", "France", "Tokyo")
 FAR = "0 1 2 3 4 5 6 7 8 9 10 100"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: faster on one thread, immune to a busy machine
 
 
 def test_codebook_rules():

@@ -17,12 +17,7 @@ REQ = EditRequest("The mother tongue of Danielle Darrieux", "Danielle Darrieux",
 REQ2 = EditRequest("The official language of Japan", "Japan", "French", "Japanese")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: faster on one thread, immune to a busy machine
 
 
 @pytest.fixture
