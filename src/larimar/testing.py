@@ -112,21 +112,38 @@ def tiny_tokenizer(
 
 @functools.lru_cache(maxsize=4)
 def _train_wordpiece(vocab_size: int) -> str:
-    """Train the WordPiece model on :data:`TINY_CORPUS` and return it serialised (JSON)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """A WordPiece model for :data:`TINY_CORPUS`, serialised (JSON), built without a trainer.
+
+    The `tokenizers` WordPiece trainer breaks frequency ties differently in every process, so the
+    vocabulary (and with it every tiny BERT latent) changed from run to run. Here the vocabulary is
+    fixed: the specials, every character of the lower-cased corpus alone and as a ``##`` continuation,
+    its whole words, then ``##`` continuations of two characters, each group by descending count
+    (ties alphabetical), up to `vocab_size` entries.
+    """
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = Counter(w for text in TINY_CORPUS for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for w in words for c in w})
+    pairs = Counter("##" + w[i : i + 2] for w in words for i in range(1, len(w) - 1))
+
+    def by_count(counts: Counter) -> list[str]:
+        return [k for k, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+    pieces = specials + chars + ["##" + c for c in chars]
+    pieces += [w for w in by_count(words) + by_count(pairs) if w not in set(pieces)]
+    vocab = {p: i for i, p in enumerate(pieces[: max(vocab_size, len(specials) + 2 * len(chars))])}
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
-    tok.train_from_iterator(list(TINY_CORPUS), trainer=trainer)
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
     )
     return tok.to_str()
 
