@@ -292,3 +292,14 @@ def tiny_larimar(*, randomize_offset: bool = True, seed: int = 0, **config_overr
         if randomize_offset and model.emb_offset is not None:
             model.emb_offset.proj.weight.copy_(torch.randn(model.emb_offset.proj.weight.shape, generator=g) * 0.5)
     return model.eval()
+
+
+TINY_WORDS = ["the", "is", "and", "of", "in", "capital", "Paris", "red", "cat", "a", "to", "Rome"]
+
+
+def tiny_word_pairs(n: int, seed: int) -> list[str]:
+    """``n`` two-word strings over a 12-word vocabulary (training strings for a tiny token value code)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(TINY_WORDS[int(i)] for i in torch.randint(0, len(TINY_WORDS), (2,), generator=g)) for _ in range(n)]

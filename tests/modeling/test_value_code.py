@@ -9,7 +9,7 @@ from larimar.modeling.conditioning import ConditionedDecoder
 from larimar.modeling.config import LarimarConfig
 from larimar.modeling.model import Larimar
 from larimar.modeling.value_code import TokenValueCode
-from larimar.testing import tiny_larimar
+from larimar.testing import tiny_larimar, tiny_word_pairs
 
 
 def code_and_embeddings(V: int = 400, H: int = 96, C: int = 64, slots: int = 5) -> tuple[TokenValueCode, torch.Tensor]:
@@ -109,14 +109,6 @@ def test_config_validates_the_value_code():
         LarimarConfig(value_code="tokens", value_encoder_layers=2)
 
 
-TINY_WORDS = ["the", "is", "and", "of", "in", "capital", "Paris", "red", "cat", "a", "to", "Rome"]
-
-
-def tiny_strings(n: int, seed: int) -> list[str]:
-    g = torch.Generator().manual_seed(seed)
-    return [" ".join(TINY_WORDS[int(i)] for i in torch.randint(0, len(TINY_WORDS), (2,), generator=g)) for _ in range(n)]
-
-
 @pytest.fixture(scope="module")
 def model() -> Larimar:
     """A tiny model whose code (C = 32) is trained for a few steps on two-word strings of a tiny vocabulary."""
@@ -124,7 +116,7 @@ def model() -> Larimar:
 
     torch.manual_seed(0)
     m = tiny_larimar(latent_size=32, keyed_writes=True, value_writes=True, value_code="tokens", value_code_slots=4)
-    train_token_code(m, tiny_strings(300, 0), steps=150, lr=1e-2, batch=32, noise=0.1, log=lambda _: None)
+    train_token_code(m, tiny_word_pairs(300, 0), steps=150, lr=1e-2, batch=32, noise=0.1, log=lambda _: None)
     return m
 
 

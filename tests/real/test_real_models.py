@@ -110,6 +110,29 @@ def test_shipped_adapter_recalls_from_a_full_keyed_memory(model):
     assert wins >= 12, wins
 
 
+def rare_facts() -> tuple[list[str], list[str]]:
+    """64 questions and rare two-word answers ("Anna Shmavonyan"), none of them known to SmolLM2."""
+    first = ["Anna", "Boris", "Carla", "Dmitri", "Elena", "Farid", "Greta", "Hugo"]
+    last = ["Shmavonyan", "Dolichopod", "Konyaspor", "Lamiinae", "Vardar", "Pedersen", "Ruisdael", "Gabellini"]
+    answers = [f"{f} {surname}" for surname in last for f in first]
+    places = ("Oslo", "Lima", "Quito", "Perth", "Dakar", "Hanoi", "Riga", "Cork")
+    kinds = ("old", "new", "tall", "red", "glass", "stone", "round", "white")
+    prompts = [f"Who designed the {w} building in {c}?" for c in places for w in kinds]
+    return prompts, answers
+
+
+def spelled_from_key_slots(m) -> tuple[int, list[tuple[str, str]]]:
+    """Write the 64 rare facts one by one into key slots and ask each: (answers spelled exactly, misses)."""
+    prompts, answers = rare_facts()
+    m.facts = m.key_slot_memory()
+    for p, a in zip(prompts, answers):
+        m.write_facts([f"{p} {a}."], [p])
+    outs = m.generate(prompts, max_new_tokens=12, use_memory="always")
+    m.reset_memory()
+    first_lines = [o.strip().split("\n")[0] for o in outs]  # the first line is the answer
+    return sum(o == a for o, a in zip(first_lines, answers)), [(o, a) for o, a in zip(first_lines, answers) if o != a]
+
+
 def test_shipped_token_code_adapter_spells_rare_answers_from_a_full_memory():
     """The `tokens` adapter (token value code): both shipped adapters fit the size limit together, and
     64 rare two-word answers written one by one into key slots come back spelled exactly (60 of 64
@@ -122,16 +145,31 @@ def test_shipped_token_code_adapter_spells_rare_answers_from_a_full_memory():
     assert cfg.value_code == "tokens" and cfg.trained and not cfg.output_offset
     total = sum(f.stat().st_size for x in (d, default_adapter_dir()) for f in x.iterdir())
     assert total <= 40 * 2**20
-    m = Larimar.from_pretrained("tokens")
-    first = ["Anna", "Boris", "Carla", "Dmitri", "Elena", "Farid", "Greta", "Hugo"]
-    last = ["Shmavonyan", "Dolichopod", "Konyaspor", "Lamiinae", "Vardar", "Pedersen", "Ruisdael", "Gabellini"]
-    answers = [f"{f} {surname}" for surname in last for f in first]
-    places = ("Oslo", "Lima", "Quito", "Perth", "Dakar", "Hanoi", "Riga", "Cork")
-    kinds = ("old", "new", "tall", "red", "glass", "stone", "round", "white")
-    prompts = [f"Who designed the {w} building in {c}?" for c in places for w in kinds]
-    m.facts = m.key_slot_memory()
-    for p, a in zip(prompts, answers):
-        m.write_facts([f"{p} {a}."], [p])
-    outs = m.generate(prompts, max_new_tokens=12, use_memory="always")
-    right = sum(o.strip().split("\n")[0] == a for o, a in zip(outs, answers))  # the first line is the answer
-    assert right >= 56, [(o, a) for o, a in zip(outs, answers) if o.strip().split("\n")[0] != a]
+    right, misses = spelled_from_key_slots(Larimar.from_pretrained("tokens"))
+    assert right >= 56, misses
+
+
+def test_default_adapter_stores_latent_and_token_code(model):
+    """The default adapter (value_code "both", session 14) spells the same 64 rare answers (61 of 64
+    when this test was written); loaded with value_code="encoder" it is the latent-only adapter of
+    sessions 6-13, which spells none of them (0 of 64 measured), and its read-outs are the latent half of the default's."""
+    from larimar.modeling.model import Larimar
+
+    if model.config.value_code != "both":
+        pytest.skip("the default adapter in this checkout stores latents alone")
+    right, misses = spelled_from_key_slots(model)
+    assert right >= 56, misses
+    latent = Larimar.from_pretrained(value_code="encoder")
+    assert latent.token_code is None and latent.config.memory_width == model.config.latent_size
+    state, full = latent.adapter_state(), model.adapter_state()
+    assert set(full) - set(state) == {k for k in full if k.startswith("token_code.")}
+    assert all(torch.equal(state[k], full[k]) for k in state)
+    prompts, answers = rare_facts()
+    for m in (model, latent):
+        m.reset_memory()
+        m.write_facts([f"{p} {a}." for p, a in zip(prompts[:8], answers[:8])], prompts[:8])
+    C = model.config.latent_size
+    torch.testing.assert_close(model.read(prompts[:8])[:, :C], latent.read(prompts[:8]))
+    model.reset_memory()
+    latent_right, _ = spelled_from_key_slots(latent)
+    assert latent_right <= 8, latent_right

@@ -99,6 +99,10 @@ def test_run_token_code_trains_calibrates_and_keeps_the_initial_adapter(tmp_path
     torch.testing.assert_close(m.M0, init.M0)  # the initial adapter's weights, its output offset dropped
     rec = json.loads((tmp_path / "token_code_history.json").read_text())
     assert rec["history"][-1]["step"] == 3 and "chosen" in rec["calibration"]
+    run_token_code(m, merge(cfg, {"token_code": {"calibration_factors": [2.0]}}), tmp_path)
+    assert json.loads((tmp_path / "token_code_history.json").read_text())["calibration"]["chosen"] == 2.0
+    with pytest.raises(ValueError, match="calibration_factors"):
+        run_token_code(m, merge(cfg, {"token_code": {"calibration_factors": [0]}}), tmp_path)
     with pytest.raises(ValueError, match="value_code: tokens"):
         run_token_code(tiny_larimar(), cfg, tmp_path)
     with pytest.raises(ValueError, match="unknown keys"):

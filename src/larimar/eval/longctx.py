@@ -167,7 +167,7 @@ class _LarimarContext:
         self.chunk_size, self.max_new_tokens = chunk_size, max_new_tokens
         texts = [fact_sentence(c) for c in self.cases]
         t0 = time.perf_counter()
-        self.Z = encode_latents(model, texts)
+        self.Z = model.memory_rows(encode_latents(model, texts))  # (n, memory width): latents alone, no token code
         self.empty = model.empty_memory().state
         self.info = {
             "encoder_tokens": sum(_n_tokens(model.encoder.tokenizer, texts)),
@@ -178,7 +178,7 @@ class _LarimarContext:
         model, cases = self.model, self.cases
         prompts = [cases[i].prompt for i in idx]
         t0 = time.perf_counter()
-        q = encode_latents(model, prompts)
+        q = model.memory_rows(encode_latents(model, prompts))
         z, sizes = hierarchical_read(self.Z, q, self.empty, self.chunk_size)
         gens = generate_from_latents(model, prompts, z, max_new_tokens=self.max_new_tokens)
         per = (time.perf_counter() - t0) / len(idx)

@@ -137,7 +137,7 @@ def robustness_case(
     written = [case, *others]
     model.write_facts([fact_sentence(c) for c in written], [c.prompt for c in written])
     state = model.facts.state
-    q = encode_latents(model, [case.prompt, gen_prompt])
+    q = model.memory_rows(encode_latents(model, [case.prompt, gen_prompt]))  # (2, memory width)
     g = torch.Generator().manual_seed(_case_seed(seed, case.case_id))
     eps = torch.randn((2, state.K), generator=g, dtype=state.dtype)
     _, W0 = noisy_read(state, q, 0.0)

@@ -310,7 +310,8 @@ def fresh_memory(
     ridge: float | None = None,
     zero_prior: bool = False,
 ) -> None:
-    """Give ``model`` an empty memory with reference ``M_ref (K, C)`` (default: the model's M0),
+    """Give ``model`` an empty memory with reference ``M_ref (K, C)`` (default: the model's M0; its
+    rows are widened to the model's memory rows by :meth:`Larimar.memory_rows`),
     addressing mode ``addressing`` (default: the config's) and ridge ``ridge`` (default: the
     config's); the prior follows ``config.memory_prior`` as in :meth:`Larimar.empty_memory`, or is
     zero with ``zero_prior`` (key slots, whose reference rows are encodings, not a prior memory). The
@@ -320,7 +321,7 @@ def fresh_memory(
     from larimar.memory import MemoryState
 
     cfg = model.config
-    ref = (model.M0.detach() if M_ref is None else M_ref).to(model.memory_dtype)
+    ref = model.memory_rows((model.M0.detach() if M_ref is None else M_ref).to(model.memory_dtype))  # (K, memory width)
     state = MemoryState.init(
         ref,
         lam=cfg.ridge if ridge is None else float(ridge),
@@ -490,7 +491,7 @@ class LarimarStream:
     def load(self, directory: Path, count: int) -> None:
         from larimar.editing.store import FactMemory
 
-        facts = FactMemory.load(directory, expect_C=self.model.config.latent_size)
+        facts = FactMemory.load(directory, expect_C=self.model.config.memory_width)
         if facts.texts != self.texts[:count]:
             raise ValueError(f"{directory}: the saved memory does not hold the first {count} facts of this run")
         want = self.addressing or self.model.config.addressing
@@ -499,7 +500,7 @@ class LarimarStream:
         if self.M_ref is not None:
             import torch
 
-            ref = self.M_ref.to(facts.state.M_ref.dtype)
+            ref = self.model.memory_rows(self.M_ref.to(facts.state.M_ref.dtype))
             if facts.state.M_ref.shape != ref.shape or not torch.allclose(facts.state.M_ref, ref, rtol=1e-6, atol=1e-9):
                 raise ValueError(f"{directory}: the saved reference memory differs from this run's")
         self.model.facts = facts

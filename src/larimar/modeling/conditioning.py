@@ -215,6 +215,7 @@ class Conditioning:
     output_head: OutputOffset | None = None
     code: torch.Tensor | None = None  # (B, C) read-outs decoded by `code_head` (token value code)
     code_head: "TokenValueCode | None" = None
+    code_gate: torch.Tensor | None = None  # (B,) in [0, 1]: scales each row's code bias (None: 1)
 
     @property
     def is_empty(self) -> bool:
@@ -230,7 +231,8 @@ class Conditioning:
         offset = None if self.offset is None else self.offset[idx]
         output = None if self.output is None else self.output[idx]
         code = None if self.code is None else self.code[idx]
-        return Conditioning(prefix, offset, output, self.output_head, code, self.code_head)
+        gate = None if self.code_gate is None else self.code_gate[idx]
+        return Conditioning(prefix, offset, output, self.output_head, code, self.code_head, gate)
 
 
 class ConditionedDecoder:
@@ -272,7 +274,10 @@ class ConditionedDecoder:
         )
         out = self._apply_output(out, cond, self._output_bias(cond))
         if cond.code is not None:
-            out.logits = out.logits + self._code_head(cond).sequence_bias(cond.code, input_ids, self._embeddings(), attention_mask).to(out.logits.dtype)
+            code_bias = self._code_head(cond).sequence_bias(cond.code, input_ids, self._embeddings(), attention_mask)  # (B, T, V)
+            if cond.code_gate is not None:
+                code_bias = code_bias * cond.code_gate.to(code_bias.dtype)[:, None, None]
+            out.logits = out.logits + code_bias.to(out.logits.dtype)
         return out
 
     def _embeddings(self) -> torch.Tensor:
@@ -350,9 +355,10 @@ class ConditionedDecoder:
         if has_code:  # the token value code: a bias from the read-out and the token just read (left padding: last column)
             head, E = self._code_head(cond), self._embeddings()
             U = head.units(E)  # (V, C) once per call
+            gate = torch.ones(B, dtype=U.dtype, device=U.device) if cond.code_gate is None else cond.code_gate.to(U.dtype)  # (B,)
 
             def code_bias(prev: torch.Tensor, prev2: torch.Tensor) -> torch.Tensor:
-                return head.logit_bias(cond.code, prev, E, U, prev2) * (~released).to(U.dtype)[:, None]  # (B, V)
+                return head.logit_bias(cond.code, prev, E, U, prev2) * (gate * (~released).to(U.dtype))[:, None]  # (B, V)
 
         new_tokens = []
         logits = out.logits[:, -1, :]

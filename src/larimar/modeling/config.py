@@ -10,7 +10,7 @@ from typing import Any
 
 ADDRESSING_MODES = ("reference", "current", "gaussian")
 POOLING_MODES = ("mean", "cls")
-VALUE_CODES = ("encoder", "tokens")
+VALUE_CODES = ("encoder", "tokens", "both")
 M_PRIOR_MODES = ("zero", "reference")
 
 
@@ -46,7 +46,9 @@ class LarimarConfig:
     keyed_writes: bool = False  # editors that know each fact's prompt address the fact by the prompt's latent
     value_writes: bool = False  # keyed writes store the fact's value (text after the prompt), not the whole fact
     value_encoder_layers: int = 0  # > 0: values are encoded by a copy of the encoder whose top N blocks are trained (LatentEncoder)
-    value_code: str = "encoder"  # "tokens": values are stored as a code of their decoder tokens (TokenValueCode; our extension)
+    # how a value is stored (our extensions): "encoder" its latent (its meaning); "tokens" a code of its decoder
+    # tokens (its spelling, TokenValueCode); "both" a memory row of width 2C holding the two side by side
+    value_code: str = "encoder"
     value_code_slots: int = 8  # tokens per token code, the end token included
     value_code_end: str = "\n"  # the token a token code ends with (after it the code starts over)
     # scope detector (paper §4)
@@ -76,8 +78,13 @@ class LarimarConfig:
                 raise ValueError(f"LarimarConfig.{name} must be positive, got {getattr(self, name)}")
         if self.value_code not in VALUE_CODES:
             raise ValueError(f"LarimarConfig.value_code={self.value_code!r}: expected one of {VALUE_CODES}")
-        if self.value_code == "tokens" and int(self.value_code_slots) < 2:
+        if self.value_code != "encoder" and int(self.value_code_slots) < 2:
             raise ValueError(f"LarimarConfig.value_code_slots must be >= 2, got {self.value_code_slots}")
+        if self.value_code == "both" and self.addressing == "current":
+            raise ValueError(
+                "LarimarConfig: value_code 'both' addresses by the latent half of a row, which 'current' addressing "
+                "(the pseudo-inverse of the whole memory) cannot do; use 'reference' or 'gaussian'"
+            )
         if self.value_code == "tokens" and int(self.value_encoder_layers) > 0:
             raise ValueError("LarimarConfig: value_code 'tokens' replaces the value encoder; set value_encoder_layers to 0")
         if int(self.value_encoder_layers) < 0:
@@ -88,6 +95,11 @@ class LarimarConfig:
             raise ValueError(f"LarimarConfig.scope_threshold must be in [0, 1], got {self.scope_threshold}")
         if not 0.0 <= self.scope_lexical_weight < 1.0:
             raise ValueError(f"LarimarConfig.scope_lexical_weight must be in [0, 1), got {self.scope_lexical_weight}")
+
+    @property
+    def memory_width(self) -> int:
+        """Width of a memory row: C, or 2C with value_code "both" (the value's latent, then its token code)."""
+        return int(self.latent_size) * (2 if self.value_code == "both" else 1)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -117,7 +117,7 @@ class Larimar(nn.Module):
         self.emb_offset = EmbeddingOffset(C, self.kv_shape.hidden_size) if config.embedding_offset else None
         self.out_offset = OutputOffset(C, self.kv_shape.hidden_size, config.output_hidden, config.output_heads) if config.output_offset else None
         self.token_code: TokenValueCode | None = None
-        if config.value_code == "tokens":  # values stored as codes of their decoder tokens (our extension)
+        if config.value_code != "encoder":  # values stored as codes of their decoder tokens (our extension)
             self.token_code = TokenValueCode(self.kv_shape.hidden_size, C, config.value_code_slots)
             if init_prefix:  # a fresh model (a loaded one gets its trained code from the adapter)
                 self.token_code.init_from_embeddings(decoder.get_input_embeddings().weight)
@@ -152,7 +152,8 @@ class Larimar(nn.Module):
         bare name such as "tokens": another adapter shipped with it, see `adapter_dir`).
 
         If no shipped adapter exists, returns an untrained model with the default config and warns.
-        `overrides` replace config fields (e.g. scope_threshold=0.5).
+        `overrides` replace config fields (e.g. scope_threshold=0.5; value_code="encoder" loads an
+        adapter that stores latent and token code, "both", as one that stores latents alone).
         """
         from safetensors.torch import load_file
 
@@ -171,6 +172,8 @@ class Larimar(nn.Module):
         dec, dec_tok = load_decoder(config.decoder, dtype=dtype)
         model = cls(config, enc, enc_tok, dec, dec_tok, init_prefix=False)
         weights = load_file(str(directory / ADAPTER_FILE))
+        if model.token_code is None:  # e.g. value_code="encoder" over a "both" adapter: its latents alone
+            weights = {k: v for k, v in weights.items() if not k.startswith("token_code.")}
         model.load_adapter_state(weights)
         idf = load_scope_idf(directory)
         if idf is not None:
@@ -269,8 +272,19 @@ class Larimar(nn.Module):
         self.__dict__["_facts"] = value
         self._sync_scope()
 
+    def memory_rows(self, X: torch.Tensor) -> torch.Tensor:
+        """(..., C) latents -> (..., memory width) memory rows with an empty token-code half.
+
+        With `value_code` "both" a memory row is a value's latent (C), then its token code (C); keys and
+        reference rows live in the latent half, so addressing sees exactly what it would in a memory of
+        latents alone. Otherwise X itself.
+        """
+        if self.config.value_code != "both":
+            return X
+        return torch.cat([X, torch.zeros_like(X)], dim=-1)
+
     def empty_memory(self) -> FactMemory:
-        M_ref = self.M0.detach().to(self.memory_dtype)
+        M_ref = self.memory_rows(self.M0.detach().to(self.memory_dtype))
         M_prior = None if self.config.memory_prior == "zero" else M_ref
         state = MemoryState.init(
             M_ref,
@@ -335,7 +349,7 @@ class Larimar(nn.Module):
         Use: ``model.facts = model.key_slot_memory(); model.write_facts(texts, prompts)``.
         """
         prompts = check_texts(prompts, "key_slot_memory") if prompts else []  # one string -> [string]
-        ref = self.key_slot_reference(prompts, memory_size=memory_size, batch_size=batch_size)  # (K, C)
+        ref = self.memory_rows(self.key_slot_reference(prompts, memory_size=memory_size, batch_size=batch_size))  # (K, memory width)
         state = MemoryState.init(ref, lam=ridge, addressing="gaussian", gaussian_alpha=gaussian_alpha)
         assigned = torch.zeros(ref.shape[0], dtype=torch.bool)
         assigned[: min(len(prompts), ref.shape[0])] = True  # rows reserved for the known prompts
@@ -367,6 +381,8 @@ class Larimar(nn.Module):
 
         With `config.value_code` "tokens" what is stored is the token code of each value (of the text
         itself when no values are given), and a write without keys addresses each text by its own latent.
+        With "both" a row holds the latent as above and, beside it, the token code of the value
+        (`value_rows`); texts written without values store their latent alone.
         """
         texts = check_texts(texts, "write")
         n, Zk = len(texts), None
@@ -380,7 +396,7 @@ class Larimar(nn.Module):
             values = check_texts(values, "write values")
             if len(values) != n:
                 raise ValueError(f"write: {n} texts but {len(values)} values")
-        if self.token_code is not None:  # token value code: keys (or the texts themselves) through the encoder
+        if self.config.value_code == "tokens":  # token value code: keys (or the texts themselves) through the encoder
             Z, E = self.encoder.encode_with_embedding(texts + (keys or []), batch_size=batch_size)
             Zk = Z[n:] if keys is not None else Z  # (N, C): without keys a text is addressed by its own latent
             self.facts = self.facts.write(texts, self.encode_token_values(values if values is not None else texts), E[:n], Zk)
@@ -392,6 +408,8 @@ class Larimar(nn.Module):
             Z, E, Zk, Zv = Z[:n], E[:n], Z[n : 2 * n], Z[2 * n :]  # (N, C), (N, H), (N, C), (N, C) or (0, C)
             if values is not None:
                 Z = self.encoder.encode_values(values, batch_size=batch_size) if own_values else Zv
+        if self.config.value_code == "both":  # rows [latent, token code of the value]; keys in the latent half
+            Z, Zk = self.value_rows(Z, values), None if Zk is None else self.memory_rows(Zk)
         facts = self.facts.write(texts, Z, E, Zk)
         self.facts = facts
 
@@ -402,14 +420,35 @@ class Larimar(nn.Module):
             raise ValueError(f"value_code_end {self.config.value_code_end!r} must be one decoder token, got {len(end)}")
         return int(end[0])
 
+    def _value_token_ids(self, values: list[str]) -> list[list[int]]:
+        """Value texts -> all their decoder token ids as a token code spells them (" " + value)."""
+        return self.tokenizer([" " + v.strip() for v in values], add_special_tokens=False)["input_ids"]
+
     def value_code_ids(self, values: list[str]) -> list[list[int]]:
         """Value texts -> decoder token ids for the token code: " " + value, its first S - 1 tokens, then the end token."""
         if self.token_code is None:
             raise ValueError("value_code_ids: this model stores encoder latents (config.value_code is 'encoder')")
         end = self.value_code_end_id()
         S = self.config.value_code_slots
-        ids = self.tokenizer([" " + v.strip() for v in values], add_special_tokens=False)["input_ids"]
-        return [list(row[: S - 1]) + [end] for row in ids]
+        return [list(row[: S - 1]) + [end] for row in self._value_token_ids(values)]
+
+    def value_rows(self, Z: torch.Tensor, values: list[str] | None) -> torch.Tensor:
+        """(N, C) latents of what is stored, with `value_code` "both" -> (N, 2C) memory rows.
+
+        Row i is ``[z_i, ||z_i|| · code(values[i])]``: the token code is scaled to the latent's norm,
+        so any linear read-out keeps the ratio of its two halves' norms near 1 for a stored value and
+        near 0 for a text stored without one (`conditioning` gates the code by that ratio). A value
+        longer than the code holds (S - 1 tokens), or no value at all, gets a zero code: its latent
+        alone is stored, and it is read back as with `value_code` "encoder".
+        """
+        if self.config.value_code != "both":
+            raise ValueError("value_rows: only value_code 'both' stores latent and token code side by side")
+        if values is None:
+            return self.memory_rows(Z)
+        S = self.config.value_code_slots
+        fits = torch.tensor([len(ids) <= S - 1 for ids in self._value_token_ids(values)], dtype=Z.dtype, device=Z.device)
+        codes = self.encode_token_values(values).to(device=Z.device, dtype=Z.dtype)  # (N, C) unit codes
+        return torch.cat([Z, codes * (Z.norm(dim=-1) * fits).unsqueeze(-1)], dim=-1)
 
     def encode_token_values(self, values: list[str]) -> torch.Tensor:
         """(N,) value texts -> (N, C) token codes (`TokenValueCode.encode`), no gradient."""
@@ -417,6 +456,16 @@ class Larimar(nn.Module):
             raise ValueError("encode_token_values: this model stores encoder latents (config.value_code is 'encoder')")
         with torch.no_grad():
             return self.token_code.encode(self.decoder.get_input_embeddings().weight, self.value_code_ids(values))
+
+    @torch.no_grad()
+    def stored_values(self, values: list[str], batch_size: int = 128) -> torch.Tensor:
+        """(N,) value texts -> (N, memory width): the rows a value write stores for them (in the model's
+        dtype): their latents (through the value encoder, if there is one), their token codes, or both."""
+        values = check_texts(values, "stored_values")
+        if self.config.value_code == "tokens":
+            return self.encode_token_values(values).to(self.M0.dtype)
+        Z = self.encoder.encode_values(values, batch_size=batch_size)  # (N, C)
+        return Z if self.config.value_code == "encoder" else self.value_rows(Z, values)
 
     def write_facts(self, texts: list[str], prompts: list[str], batch_size: int = 128) -> None:
         """Write facts whose prompts are known: keyed by the prompts when `config.keyed_writes` (each fact
@@ -444,17 +493,17 @@ class Larimar(nn.Module):
         self.facts.save(directory)
 
     def load_memory(self, directory: str | Path) -> None:
-        facts = FactMemory.load(directory, expect_C=self.config.latent_size, expect_K=self.config.memory_size)
+        facts = FactMemory.load(directory, expect_C=self.config.memory_width, expect_K=self.config.memory_size)
         self.facts = facts
 
     def read_latents(self, q: torch.Tensor, *, sigma_w: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(Q, C) query latents -> (Q, C) read-outs z_r = W·M from the current memory.
+        """(Q, C) query latents -> (Q, memory width) read-outs z_r = W·M from the current memory.
 
         W comes from the configured addressing; with sigma_w > 0 (default: config.sigma_w) Gaussian noise
         N(0, sigma_w²) is added to W before the read (the paper's robustness experiment, Fig. 6).
         """
         state = self.facts.state
-        q = q.detach().to(self.memory_dtype)
+        q = self.memory_rows(q.detach().to(self.memory_dtype))  # the query addresses by the latent half
         sigma = self.config.sigma_w if sigma_w is None else sigma_w
         if sigma > 0:
             W = state.address(q)  # (Q, K)
@@ -466,7 +515,7 @@ class Larimar(nn.Module):
 
     @torch.no_grad()
     def read(self, queries: list[str] | str) -> torch.Tensor:
-        """Queries -> (Q, C) read-outs. Raises EmptyMemoryError when nothing has been written."""
+        """Queries -> (Q, memory width) read-outs. Raises EmptyMemoryError when nothing has been written."""
         queries = check_texts(queries, "read")
         if len(self.facts) == 0:
             raise EmptyMemoryError("memory is empty: write facts before reading")
@@ -474,16 +523,31 @@ class Larimar(nn.Module):
 
     # ------------------------------------------------------------------ conditioning
     def conditioning(self, z: torch.Tensor, q: torch.Tensor | None = None) -> Conditioning:
-        """(B, C) read-outs -> KV prefix (+ embedding offset, + gated output offset).
+        """(B, C) or (B, memory width) read-outs -> KV prefix (+ embedding offset, + gated output offset,
+        + the token code's logit bias).
 
         `q` (B, C): the queries' own latents, read by the output offset (pass them whenever the
-        prompts are known; None stands for zeros).
+        prompts are known; None stands for zeros). With `value_code` "both" the latent half of `z`
+        conditions as a latent does and the code half is decoded, gated per row by the ratio of the
+        halves' norms (1 for a stored value, 0 for a text: `value_rows`); a read-out of width C
+        (e.g. the long-context hierarchy's) has no code.
         """
+        code, gate = None, None
+        if self.config.value_code == "tokens":
+            code = z
+        elif self.config.value_code == "both":
+            C = self.config.latent_size
+            if z.shape[-1] == 2 * C:
+                z, code = z[..., :C], z[..., C:]  # (B, C) each
+                gate = (code.norm(dim=-1) / z.norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)  # (B,)
+                if not bool((gate > 0).any()):  # no row holds a code (texts only): skip decoding it
+                    code, gate = None, None
+            elif z.shape[-1] != C:
+                raise ValueError(f"conditioning: read-outs of width {z.shape[-1]}, expected {C} or {2 * C}")
         offset = self.emb_offset(z) if self.emb_offset is not None else None
         output = self.out_offset(z, q) if self.out_offset is not None else None
-        if self.token_code is None:
-            return Conditioning(self.kv_prefix(z), offset, output, self.out_offset)
-        return Conditioning(self.kv_prefix(z), offset, output, self.out_offset, z, self.token_code)
+        head = None if code is None else self.token_code
+        return Conditioning(self.kv_prefix(z), offset, output, self.out_offset, code, head, gate)
 
     def _embed_for_scope(self, texts: list[str]) -> torch.Tensor:
         return self.encoder.embed(texts)

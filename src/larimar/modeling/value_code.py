@@ -25,6 +25,11 @@ the token after "9" is "9" after " 1" and "1" after "9".
 After the end token (a newline by default, which no value contains) the code starts over with t_0, so
 memory keeps the answer in control of a long generation, as the paper's prefix does;
 `generate(..., release_after_answer=True)` hands the continuation back to the decoder instead.
+
+With `value_code: both` a memory row is 2C wide: the value's latent, then ``||latent|| · z``
+(`Larimar.value_rows`). The latent half conditions the decoder as before (prefix, offsets), and the
+code half's bias is scaled by the ratio of the two halves' norms in the read-out: about 1 for a
+stored value, 0 for a text written without one (`Larimar.conditioning`).
 """
 
 from __future__ import annotations

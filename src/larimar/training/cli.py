@@ -211,13 +211,13 @@ def _inherit_scope(model, init_dir: Path, *, keep_latents: bool) -> None:
         print("warm start: the encoder head trains, so the inherited scope threshold is only a starting point: recalibrate it (larimar scope)")
 
 
-TOKEN_CODE_KEYS = {"init_adapter", "strings", "val_strings", "calibration_items", "steps", "lr", "batch", "noise"}
+TOKEN_CODE_KEYS = {"init_adapter", "strings", "val_strings", "calibration_items", "calibration_factors", "steps", "lr", "batch", "noise"}
 
 
 def run_token_code(model, train_cfg: dict, output: Path) -> None:
     """Train and calibrate the token value code (`larimar.training.token_code`) from `train.token_code`:
     init_adapter (its other weights and scope detector are kept), strings, val_strings,
-    calibration_items, steps, lr, batch, noise. Writes `output/token_code_history.json`."""
+    calibration_items, calibration_factors, steps, lr, batch, noise. Writes `output/token_code_history.json`."""
     import json
     import random
 
@@ -226,7 +226,7 @@ def run_token_code(model, train_cfg: dict, output: Path) -> None:
 
     tc, d = train_cfg["token_code"], train_cfg["data"]
     if model.token_code is None:
-        raise ValueError("train.token_code needs model.value_code: tokens")
+        raise ValueError("train.token_code needs model.value_code: tokens or both")
     unknown = sorted(set(tc) - TOKEN_CODE_KEYS)
     if unknown:
         raise ValueError(f"train.token_code: unknown keys {unknown} (expected some of {sorted(TOKEN_CODE_KEYS)})")
@@ -245,7 +245,10 @@ def run_token_code(model, train_cfg: dict, output: Path) -> None:
         batch=int(tc.get("batch", 64)), noise=float(tc.get("noise", 0.3)), seed=d["seed"],
     )
     items = question_items(d["pararel_root"], d["question_templates"], cal, seed=d["seed"], exclude_eval_from=d.get("exclude_eval_from"))
-    calibration = calibrate_token_code(model, items)
+    factors = tc.get("calibration_factors")
+    if factors is not None and (not isinstance(factors, list) or not factors or not all(isinstance(f, (int, float)) and f > 0 for f in factors)):
+        raise ValueError(f"train.token_code.calibration_factors: expected a list of positive numbers, got {factors!r}")
+    calibration = calibrate_token_code(model, items, **({} if factors is None else {"factors": tuple(float(f) for f in factors)}))
     (output / "token_code_history.json").write_text(json.dumps({"history": history, "calibration": calibration}, indent=2) + "\n")
 
 

@@ -133,8 +133,9 @@ def calibrate_token_code(
 ) -> dict:
     """Scale the code's vocabulary temperature against the decoder's logits.
 
-    `items`: (prompt, value) pairs. Each value's code conditions the decoder (no memory involved), the
-    value is teacher-forced after its prompt, and an item counts when every value token is the argmax.
+    `items`: (prompt, value) pairs. What a write stores for each value (`Larimar.stored_values`: its
+    code, or with value_code "both" its latent and code) conditions the decoder, with no memory involved;
+    the value is teacher-forced after its prompt, and an item counts when every value token is the argmax.
     Sets `log_tau[0] += log(factor)` for the chosen factor; returns {"factors": {factor: accuracy}, "chosen"}.
     """
     if model.token_code is None:
@@ -148,10 +149,11 @@ def calibrate_token_code(
         p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         v_ids = model.value_code_ids([value])[0][:-1]  # the value's tokens, without the end token
         ids = torch.tensor([p_ids + v_ids], device=model.device)
-        z = model.encode_token_values([value]).to(model.M0.dtype)  # (1, C)
-        cond = replace(model.conditioning(z, model.encoder([prompt]).to(model.M0.dtype)), code=None)
-        base = model.runner.forward(ids, torch.ones_like(ids), cond).logits[0].float()  # (T, V) without the code
-        bias = code.sequence_bias(z, ids, E, vocab_units=U)[0].float()  # (T, V)
+        cond = model.conditioning(model.stored_values([value]), model.encoder([prompt]).to(model.M0.dtype))
+        base = model.runner.forward(ids, torch.ones_like(ids), replace(cond, code=None)).logits[0].float()  # (T, V) without the code
+        bias = code.sequence_bias(cond.code, ids, E, vocab_units=U)[0].float()  # (T, V)
+        if cond.code_gate is not None:
+            bias = bias * cond.code_gate[0].float()
         L, target = len(p_ids), torch.tensor(v_ids, device=model.device)
         for f in factors:
             pred = (base + f * bias)[L - 1 : L - 1 + len(v_ids)].argmax(-1)

@@ -1,0 +1,169 @@
+"""value_code "both": memory rows holding a value's latent and its token code side by side."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from larimar.editing.store import MemoryFileError
+from larimar.modeling.config import LarimarConfig
+from larimar.modeling.model import Larimar
+from larimar.testing import tiny_larimar, tiny_word_pairs
+
+C = 32
+FACTS = ["the sky is capital Paris.", "grass is and the.", "a cat is red."]
+PROMPTS = ["the sky is", "grass is", "a cat is"]
+VALUES = ["capital Paris", "and the", "red"]
+
+
+def build(value_code: str, **over) -> Larimar:
+    return tiny_larimar(latent_size=C, keyed_writes=True, value_writes=True, value_code=value_code, value_code_slots=4, **over)
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[Larimar, Larimar]:
+    """A "both" model whose code is trained for a few steps, and an "encoder" model with the same weights."""
+    from larimar.training.token_code import train_token_code
+
+    torch.manual_seed(0)
+    both = build("both")
+    train_token_code(both, tiny_word_pairs(300, 0), steps=150, lr=1e-2, batch=32, noise=0.1, log=lambda _: None)
+    enc = build("encoder")
+    shared = {k: v for k, v in both.state_dict().items() if not k.startswith("token_code.")}
+    enc.load_state_dict(shared)
+    both.reset_memory()
+    enc.reset_memory()
+    return both, enc
+
+
+def test_config_memory_width_and_addressing():
+    assert LarimarConfig(latent_size=8).memory_width == 8
+    assert LarimarConfig(latent_size=8, value_code="tokens").memory_width == 8
+    assert LarimarConfig(latent_size=8, value_code="both").memory_width == 16
+    with pytest.raises(ValueError, match="'current' addressing"):
+        LarimarConfig(value_code="both", addressing="current")
+    with pytest.raises(ValueError, match="value_code_slots"):
+        LarimarConfig(value_code="both", value_code_slots=1)
+
+
+def test_rows_hold_the_latent_and_the_code_scaled_to_its_norm(pair):
+    both, _ = pair
+    both.reset_memory()
+    long_value = "a much longer value than four tokens can hold"
+    both.write_facts(FACTS + [f"x is {long_value}."], PROMPTS + ["x is"])
+    Z, keys = both.facts.Z.float(), both.facts.keys.float()
+    assert Z.shape == (4, 2 * C) and keys.shape == (4, 2 * C)
+    latents = both.encoder(VALUES + [long_value]).detach()
+    torch.testing.assert_close(Z[:, :C], latents, atol=1e-5, rtol=1e-5)
+    codes = both.encode_token_values(VALUES)
+    torch.testing.assert_close(Z[:3, C:], codes * latents[:3].norm(dim=-1, keepdim=True), atol=1e-5, rtol=1e-5)
+    assert torch.count_nonzero(Z[3, C:]) == 0  # longer than the code holds: the latent alone
+    torch.testing.assert_close(keys[:, :C], both.encoder(PROMPTS + ["x is"]).detach(), atol=1e-5, rtol=1e-5)
+    assert torch.count_nonzero(keys[:, C:]) == 0  # keys live in the latent half
+    torch.testing.assert_close(both.stored_values(VALUES).float(), Z[:3], atol=1e-5, rtol=1e-5)
+    both.reset_memory()
+    both.write(["plain text without a value"])  # no value: the latent alone, addressed by itself
+    assert torch.count_nonzero(both.facts.Z[:, C:]) == 0
+    both.reset_memory()
+
+
+@pytest.mark.parametrize("slots", [False, True], ids=["pseudo-inverse", "key-slots"])
+def test_the_latent_half_is_the_encoder_models_memory(pair, slots):
+    """Addressing sees only the latent half, so the latent half of every read-out is exactly what a model
+    storing latents alone reads, for pseudo-inverse addressing and for key slots."""
+    both, enc = pair
+    for m in (both, enc):
+        m.facts = m.key_slot_memory() if slots else m.empty_memory()
+        m.write_facts(FACTS, PROMPTS)
+    queries = PROMPTS + ["an unrelated question"]
+    torch.testing.assert_close(both.read(queries)[:, :C], enc.read(queries), atol=1e-9, rtol=1e-7)
+    both.reset_memory()
+    enc.reset_memory()
+
+
+def test_forgetting_stays_exact_in_both_halves(pair):
+    both, _ = pair
+    both.reset_memory()
+    both.write_facts(FACTS[:2], PROMPTS[:2])
+    never = both.read(PROMPTS)
+    both.write_facts(FACTS[2:], PROMPTS[2:])
+    assert not torch.allclose(both.read(PROMPTS), never)
+    both.forget([FACTS[2]])
+    torch.testing.assert_close(both.read(PROMPTS), never, atol=1e-9, rtol=1e-7)
+    both.reset_memory()
+
+
+def test_the_code_is_gated_by_the_ratio_of_the_halves(pair):
+    both, _ = pair
+    both.facts = both.key_slot_memory()
+    both.write_facts(FACTS, PROMPTS)
+    cond = both.conditioning(both.read(PROMPTS).float())
+    assert cond.code.shape == (3, C)
+    torch.testing.assert_close(cond.code_gate, torch.ones(3), atol=1e-4, rtol=0)  # one slot each: the row itself
+    both.reset_memory()
+    both.write(["plain text without a value", "another text"])
+    cond = both.conditioning(both.read(["plain text without a value"]).float())
+    assert cond.code is None and cond.code_gate is None  # texts alone: no code to decode
+    assert both.conditioning(torch.randn(2, C)).code is None  # a read-out of latents alone (long context)
+    with pytest.raises(ValueError, match="width"):
+        both.conditioning(torch.randn(2, C + 1))
+    half = both.conditioning(torch.cat([torch.ones(1, C), 0.5 * torch.ones(1, C)], dim=-1))  # code half at half the norm
+    torch.testing.assert_close(half.code_gate, torch.tensor([0.5]))
+    both.reset_memory()
+
+
+def test_generation_spells_the_stored_values(pair):
+    both, _ = pair
+    both.reset_memory()
+    both.write_facts(FACTS[:2], PROMPTS[:2])
+    for p, value in zip(PROMPTS[:2], VALUES[:2]):
+        want = both.value_code_ids([value])[0]
+        out = both.generate([p], max_new_tokens=len(want), use_memory="always")[0]
+        assert both.tokenizer(out, add_special_tokens=False)["input_ids"] == want
+    both.reset_memory()
+
+
+def test_a_zero_gate_leaves_the_latent_conditioning_alone(pair):
+    """With the gate at 0 a "both" read-out conditions the decoder exactly as its latent half alone."""
+    both, _ = pair
+    both.reset_memory()
+    both.write_facts(FACTS[:1], PROMPTS[:1])
+    z = both.read(PROMPTS[:1]).float()
+    ids = torch.tensor([both.tokenizer("the sky is capital", add_special_tokens=False)["input_ids"]])
+    cond = both.conditioning(z)
+    cond.code_gate = torch.zeros(1)
+    gated = both.runner.forward(ids, torch.ones_like(ids), cond).logits
+    latent = both.runner.forward(ids, torch.ones_like(ids), both.conditioning(z[:, :C])).logits
+    torch.testing.assert_close(gated, latent)
+    with_code = both.runner.forward(ids, torch.ones_like(ids), both.conditioning(z)).logits
+    assert not torch.allclose(with_code, latent)
+    both.reset_memory()
+
+
+def test_saved_memory_keeps_its_width(pair, tmp_path):
+    both, enc = pair
+    both.reset_memory()
+    both.write_facts(FACTS, PROMPTS)
+    before = both.read(PROMPTS)
+    both.save_memory(tmp_path / "mem")
+    both.reset_memory()
+    both.load_memory(tmp_path / "mem")
+    torch.testing.assert_close(both.read(PROMPTS), before)
+    with pytest.raises(MemoryFileError, match="width"):
+        enc.load_memory(tmp_path / "mem")
+    both.reset_memory()
+
+
+def test_calibration_scales_the_code_against_the_latent_conditioning(pair):
+    from larimar.training.token_code import calibrate_token_code
+
+    both, _ = pair
+    before = both.token_code.log_tau.detach().clone()
+    try:
+        out = calibrate_token_code(both, list(zip(PROMPTS, VALUES)), log=lambda _: None)
+        assert set(out["factors"]) == {"1.0", "1.25", "1.5", "2.0", "2.5", "3.0"}
+        assert out["factors"][str(out["chosen"])] >= max(out["factors"].values()) - 0.005
+        torch.testing.assert_close(both.token_code.log_tau[0] - before[0], torch.log(torch.tensor(out["chosen"])))
+    finally:
+        with torch.no_grad():
+            both.token_code.log_tau.copy_(before)
