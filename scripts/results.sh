@@ -2,6 +2,8 @@
 # The exact commands behind the README's result tables, in priority order. Every command is resumable:
 # re-running this script continues where it stopped. Usage: scripts/results.sh [RESULTS_DIR]
 # Summaries are copied to reports/ by `scripts/collect_reports.sh`.
+# Runs made before session 14 used the default adapter of their time: the shipped "latent" adapter now
+# (the current default's weights without its token code), hence `--model latent` on them.
 set -u
 R=${1:-results}
 L="${LARIMAR:-.venv/bin/larimar}"
@@ -15,43 +17,43 @@ st2_gate() {
   run eval counterfact --method larimar --model runs/stage2/$1 --n 200 --out "$R/cf_larimar_${2}_200"
 }
 echo "=== $(date +%T) keyed_capacity"; .venv/bin/python scripts/keyed_capacity.py --ridges 1.0 --out reports/keyed_capacity.json
-run eval modelcard   --out "$R/modelcard"
+run eval modelcard --model latent   --out "$R/modelcard"
 echo "=== $(date +%T) larimar scope"; "$L" scope --n 500 --out "$R/scope500"
-run eval counterfact --method larimar  --n 500 --out "$R/cf_larimar"
-run eval counterfact --method unedited --n 500 --out "$R/cf_unedited"
-run eval timing      --n 10 --out "$R/timing"
-run eval zsre        --method larimar  --n 200 --out "$R/zsre_larimar"
-run eval zsre        --method unedited --n 200 --out "$R/zsre_unedited"
-run eval sequential  --n 1000 --eval-max 200 --eval-every 500 --methods larimar --out "$R/sequential"
-run eval forget      --n 5 --no-icl --out "$R/forget_noicl"
-run eval forget      --n 5 --out "$R/forget"
-run eval sequential  --n 1000 --eval-max 200 --eval-every 500 --methods larimar --addressing gaussian --out "$R/sequential_keyslots"
-run eval forget      --n 5 --no-icl --addressing gaussian --out "$R/forget_keyslots"
-run eval forget      --n 5 --datasets counterfact --sizes 1,K --icl-retained-max 10 --addressing gaussian --out "$R/forget_icl"
-run eval counterfact --method larimar  --n 200 --out "$R/cf_larimar_factwrite200" --set value_writes=false
-run eval counterfact --method larimar  --n 200 --out "$R/cf_larimar_paperwrite200" --set keyed_writes=false
-run eval counterfact --method larimar  --n 500 --out "$R/cf_larimar_noscope" --set scope_detector=false
-run eval robustness  --n 30 --out "$R/robustness"
-run eval longctx     --n 20 --out "$R/longctx"
-run eval batch       --memory-sizes 512 --sizes 1,16,64,256,512,1024,2048 --eval-n 50 --out "$R/batch_k512"
-run eval batch       --memory-sizes 512 --sizes 1,16,64,256,512,1024,2048 --eval-n 50 --out "$R/batch_k512_paperwrite" --set keyed_writes=false
-run eval batch       --memory-sizes 512 --sizes 16,256,512,1024,2048 --eval-n 50 --out "$R/batch_k512_keyslots" --set key_slots=true
-run eval batch       --memory-sizes 256 --sizes 1,16,64,256,512,1024 --eval-n 50 --out "$R/batch_k256"
-run eval batch       --memory-sizes 1024 --sizes 1,16,64,256,512,1024,2048 --eval-n 50 --out "$R/batch_k1024"
-run eval counterfact --method prompt   --n 100 --out "$R/cf_prompt"
-run eval counterfact --method ike      --n 100 --out "$R/cf_ike"   # 50 in session 6, 87 in session 9, 100 in session 10
-run eval counterfact --method grace    --n 100 --out "$R/cf_grace"
-run eval counterfact --method ft_l     --n 100 --out "$R/cf_ft_l"   # 30 in session 6, 100 in session 9
-run eval counterfact --method rome     --n 100 --out "$R/cf_rome"   # 30 in session 6, 50 in session 9, 100 in session 10
-run eval counterfact --method larimar  --n 500 --out "$R/cf_larimar_1reph" --set n_rephrases=1
-run eval counterfact --method larimar  --n 500 --out "$R/cf_larimar_2reph" --set n_rephrases=2  # + a PARAREL rephrasing
-run eval leakage     --n 30 --systems base,larimar --out "$R/leakage"
-run eval leakage     --n 30 --systems rome --out "$R/leakage_rome"
-run eval rephrase    --max-writes 1000 --eval-every 250 --out "$R/rephrase1000"
-run eval rephrase    --max-writes 1000 --eval-every 250 --modes gaussian --out "$R/rephrase1000_gaussian"
-run eval rephrase    --max-writes 1000 --eval-every 250 --modes unedited --out "$R/rephrase1000_unedited"
-run eval rephrase    --max-writes 3000 --eval-every 500 --modes gaussian,reference,unedited --out "$R/rephrase3000"
-run eval sequential  --n 1000 --eval-max 200 --eval-every 500 --methods grace --out "$R/sequential_grace1000"  # ~2 h; snapshots every 50 edits
+run eval counterfact --model latent --method larimar  --n 500 --out "$R/cf_larimar"
+run eval counterfact --model latent --method unedited --n 500 --out "$R/cf_unedited"
+run eval timing --model latent      --n 10 --out "$R/timing"
+run eval zsre --model latent        --method larimar  --n 200 --out "$R/zsre_larimar"
+run eval zsre --model latent        --method unedited --n 200 --out "$R/zsre_unedited"
+run eval sequential --model latent  --n 1000 --eval-max 200 --eval-every 500 --methods larimar --out "$R/sequential"
+run eval forget --model latent      --n 5 --no-icl --out "$R/forget_noicl"
+run eval forget --model latent      --n 5 --out "$R/forget"
+run eval sequential --model latent  --n 1000 --eval-max 200 --eval-every 500 --methods larimar --addressing gaussian --out "$R/sequential_keyslots"
+run eval forget --model latent      --n 5 --no-icl --addressing gaussian --out "$R/forget_keyslots"
+run eval forget --model latent      --n 5 --datasets counterfact --sizes 1,K --icl-retained-max 10 --addressing gaussian --out "$R/forget_icl"
+run eval counterfact --model latent --method larimar  --n 200 --out "$R/cf_larimar_factwrite200" --set value_writes=false
+run eval counterfact --model latent --method larimar  --n 200 --out "$R/cf_larimar_paperwrite200" --set keyed_writes=false
+run eval counterfact --model latent --method larimar  --n 500 --out "$R/cf_larimar_noscope" --set scope_detector=false
+run eval robustness --model latent  --n 30 --out "$R/robustness"
+run eval longctx --model latent     --n 20 --out "$R/longctx"
+run eval batch --model latent       --memory-sizes 512 --sizes 1,16,64,256,512,1024,2048 --eval-n 50 --out "$R/batch_k512"
+run eval batch --model latent       --memory-sizes 512 --sizes 1,16,64,256,512,1024,2048 --eval-n 50 --out "$R/batch_k512_paperwrite" --set keyed_writes=false
+run eval batch --model latent       --memory-sizes 512 --sizes 16,256,512,1024,2048 --eval-n 50 --out "$R/batch_k512_keyslots" --set key_slots=true
+run eval batch --model latent       --memory-sizes 256 --sizes 1,16,64,256,512,1024 --eval-n 50 --out "$R/batch_k256"
+run eval batch --model latent       --memory-sizes 1024 --sizes 1,16,64,256,512,1024,2048 --eval-n 50 --out "$R/batch_k1024"
+run eval counterfact --model latent --method prompt   --n 100 --out "$R/cf_prompt"
+run eval counterfact --model latent --method ike      --n 100 --out "$R/cf_ike"   # 50 in session 6, 87 in session 9, 100 in session 10
+run eval counterfact --model latent --method grace    --n 100 --out "$R/cf_grace"
+run eval counterfact --model latent --method ft_l     --n 100 --out "$R/cf_ft_l"   # 30 in session 6, 100 in session 9
+run eval counterfact --model latent --method rome     --n 100 --out "$R/cf_rome"   # 30 in session 6, 50 in session 9, 100 in session 10
+run eval counterfact --model latent --method larimar  --n 500 --out "$R/cf_larimar_1reph" --set n_rephrases=1
+run eval counterfact --model latent --method larimar  --n 500 --out "$R/cf_larimar_2reph" --set n_rephrases=2  # + a PARAREL rephrasing
+run eval leakage --model latent     --n 30 --systems base,larimar --out "$R/leakage"
+run eval leakage --model latent     --n 30 --systems rome --out "$R/leakage_rome"
+run eval rephrase --model latent    --max-writes 1000 --eval-every 250 --out "$R/rephrase1000"
+run eval rephrase --model latent    --max-writes 1000 --eval-every 250 --modes gaussian --out "$R/rephrase1000_gaussian"
+run eval rephrase --model latent    --max-writes 1000 --eval-every 250 --modes unedited --out "$R/rephrase1000_unedited"
+run eval rephrase --model latent    --max-writes 3000 --eval-every 500 --modes gaussian,reference,unedited --out "$R/rephrase3000"
+run eval sequential --model latent  --n 1000 --eval-max 200 --eval-every 500 --methods grace --out "$R/sequential_grace1000"  # ~2 h; snapshots every 50 edits
 # session 9: stage 1c, an experiment (not shipped): train it (configs/small-spans*.yaml), then evaluate each result.
 # Its runs inherit the shipped scope detector (the fix of session 9). The README's cosine-only rows
 # (cf_larimar_1c_200, cf_larimar_1cf_200, zsre_larimar_1c, zsre_larimar_1cf) came from before that fix.
@@ -112,16 +114,16 @@ if have leg3; then
 fi
 # session 12: ZsRE baselines on the same base model and the first cases of the same file, and read noise
 # with K facts in memory
-run eval zsre --method prompt --n 200 --out "$R/zsre_prompt"
-run eval zsre --method grace  --n 100 --out "$R/zsre_grace"
-run eval robustness --n 30 --memory-facts 512 --out "$R/robustness_m512"
-run eval zsre --method ft_l   --n 100 --out "$R/zsre_ft_l"
-run eval zsre --method ike    --n 200 --out "$R/zsre_ike"
-run eval zsre --method rome   --n 50 --out "$R/zsre_rome"
+run eval zsre --model latent --method prompt --n 200 --out "$R/zsre_prompt"
+run eval zsre --model latent --method grace  --n 100 --out "$R/zsre_grace"
+run eval robustness --model latent --n 30 --memory-facts 512 --out "$R/robustness_m512"
+run eval zsre --model latent --method ft_l   --n 100 --out "$R/zsre_ft_l"
+run eval zsre --model latent --method ike    --n 200 --out "$R/zsre_ike"
+run eval zsre --model latent --method rome   --n 50 --out "$R/zsre_rome"
 # Larimar and the unedited model on the baselines' first N cases: the 200-case runs' per-case files, reused
 for M in larimar unedited; do for N in 100 50; do
   rm -rf "$R/zsre_${M}_first$N"; cp -r "$R/zsre_$M" "$R/zsre_${M}_first$N"
-  run eval zsre --method $M --n $N --out "$R/zsre_${M}_first$N"
+  run eval zsre --model latent --method $M --n $N --out "$R/zsre_${M}_first$N"
 done; done
 echo "=== $(date +%T) value probe"
 .venv/bin/python scripts/value_probe.py --epochs 6 --out reports/value_probe_names.json
@@ -145,5 +147,5 @@ run eval counterfact --method larimar --model $M --n 500 --out "$R/cf_larimar_2r
 run eval forget      --model $M --n 5 --no-icl --out "$R/forget_noicl_tokens"
 run eval robustness  --model $M --n 30 --memory-facts 512 --out "$R/robustness_m512_tokens"
 run eval leakage     --model $M --n 30 --systems larimar --release-after-answer --out "$R/leakage_tokens_released"
-run eval leakage     --n 30 --systems larimar --release-after-answer --out "$R/leakage_released"
+run eval leakage --model latent     --n 30 --systems larimar --release-after-answer --out "$R/leakage_released"
 echo "=== $(date +%T) done"

@@ -167,3 +167,32 @@ def test_calibration_scales_the_code_against_the_latent_conditioning(pair):
     finally:
         with torch.no_grad():
             both.token_code.log_tau.copy_(before)
+
+
+def test_shipped_latent_adapter_is_the_default_without_its_code(tmp_path):
+    """"latent" ships a config alone: the default's, storing latents only, reading the default's weights."""
+    from larimar.modeling.model import packaged_adapter_dir, shared_weights_dir
+
+    d, lat = packaged_adapter_dir("default"), packaged_adapter_dir("latent")
+    if not (d / "config.json").is_file():
+        pytest.skip("no adapter shipped in this checkout")
+    cd, cl = (LarimarConfig.load(x / "config.json").to_dict() for x in (d, lat))
+    assert cd["value_code"] == "both" and cl["value_code"] == "encoder" and not (lat / "adapter.safetensors").exists()
+    code_keys = {"value_code", "value_code_end", "value_code_slots", "extra"}
+    assert {k: v for k, v in cd.items() if k not in code_keys} == {k: v for k, v in cl.items() if k not in code_keys}
+    assert shared_weights_dir(lat, LarimarConfig.load(lat / "config.json")) == d.resolve()
+    assert shared_weights_dir(d, LarimarConfig.load(d / "config.json")) == d
+    bad = LarimarConfig(extra={"weights_from": "../nowhere"})
+    with pytest.raises(FileNotFoundError, match="weights_from"):
+        shared_weights_dir(tmp_path, bad)
+
+
+def test_save_pretrained_drops_weights_from(pair, tmp_path):
+    both, _ = pair
+    both.config = both.config.replace(extra={"weights_from": "../default"})
+    try:
+        both.save_pretrained(tmp_path)
+        saved = LarimarConfig.load(tmp_path / "config.json")
+        assert "weights_from" not in saved.extra and (tmp_path / "adapter.safetensors").is_file()
+    finally:
+        both.config = both.config.replace(extra={})

@@ -151,7 +151,7 @@ def test_shipped_token_code_adapter_spells_rare_answers_from_a_full_memory():
 
 def test_default_adapter_stores_latent_and_token_code(model):
     """The default adapter (value_code "both", session 14) spells the same 64 rare answers (61 of 64
-    when this test was written); loaded with value_code="encoder" it is the latent-only adapter of
+    when this test was written); the shipped "latent" adapter (or value_code="encoder") is the latent-only adapter of
     sessions 6-13, which spells none of them (0 of 64 measured), and its read-outs are the latent half of the default's."""
     from larimar.modeling.model import Larimar
 
@@ -159,8 +159,12 @@ def test_default_adapter_stores_latent_and_token_code(model):
         pytest.skip("the default adapter in this checkout stores latents alone")
     right, misses = spelled_from_key_slots(model)
     assert right >= 56, misses
-    latent = Larimar.from_pretrained(value_code="encoder")
+    latent = Larimar.from_pretrained("latent")
     assert latent.token_code is None and latent.config.memory_width == model.config.latent_size
+    assert latent.scope_idf == model.scope_idf  # read from the default's directory too
+    override = Larimar.from_pretrained(value_code="encoder")
+    assert override.config == latent.config.replace(extra=override.config.extra)
+    assert all(torch.equal(v, latent.adapter_state()[k]) for k, v in override.adapter_state().items())
     state, full = latent.adapter_state(), model.adapter_state()
     assert set(full) - set(state) == {k for k in full if k.startswith("token_code.")}
     assert all(torch.equal(state[k], full[k]) for k in state)

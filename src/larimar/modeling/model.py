@@ -52,7 +52,8 @@ def default_adapter_dir() -> Path:
 
 
 def packaged_adapter_dir(name: str) -> Path:
-    """A trained adapter shipped inside the package: "default" or "tokens" (the token value code)."""
+    """A trained adapter shipped inside the package: "default", "latent" (the default's latents alone,
+    the default of sessions 6-13) or "tokens" (the token value code alone)."""
     return Path(__file__).resolve().parent.parent / "assets" / name
 
 
@@ -66,6 +67,19 @@ def adapter_dir(path: str | Path | None) -> Path:
         return p
     shipped = packaged_adapter_dir(str(path))
     return shipped if (shipped / CONFIG_FILE).is_file() else p
+
+
+def shared_weights_dir(directory: Path, config: LarimarConfig) -> Path:
+    """Where the adapter weights of `directory` are: itself, or, when it has no adapter file and its
+    config says `extra.weights_from` (a path relative to it), that directory. The shipped "latent"
+    adapter is a config alone that reads the default adapter's weights without its token code."""
+    shared = config.extra.get("weights_from")
+    if (directory / ADAPTER_FILE).is_file() or not shared:
+        return directory
+    target = (directory / str(shared)).resolve()
+    if not (target / ADAPTER_FILE).is_file():
+        raise FileNotFoundError(f"{directory}: no {ADAPTER_FILE}, and its weights_from {shared!r} has none either")
+    return target
 
 
 def fact_value(text: str, prompt: str) -> str:
@@ -171,11 +185,12 @@ class Larimar(nn.Module):
         enc, enc_tok = load_encoder(config.encoder, dtype=dtype)
         dec, dec_tok = load_decoder(config.decoder, dtype=dtype)
         model = cls(config, enc, enc_tok, dec, dec_tok, init_prefix=False)
-        weights = load_file(str(directory / ADAPTER_FILE))
+        weights_dir = shared_weights_dir(directory, config)
+        weights = load_file(str(weights_dir / ADAPTER_FILE))
         if model.token_code is None:  # e.g. value_code="encoder" over a "both" adapter: its latents alone
             weights = {k: v for k, v in weights.items() if not k.startswith("token_code.")}
         model.load_adapter_state(weights)
-        idf = load_scope_idf(directory)
+        idf = load_scope_idf(directory) or load_scope_idf(weights_dir)
         if idf is not None:
             model.set_scope_idf(idf)
         elif config.scope_lexical_weight > 0:
@@ -225,7 +240,8 @@ class Larimar(nn.Module):
         tmp.replace(d / ADAPTER_FILE)
         if self.scope_idf is not None:
             save_scope_idf(d, self.scope_idf)
-        self.config.save(d / CONFIG_FILE)
+        extra = {k: v for k, v in self.config.extra.items() if k != "weights_from"}  # the weights are written here
+        self.config.replace(extra=extra).save(d / CONFIG_FILE)
 
     # ------------------------------------------------------------------ scope detector
     def new_scope_detector(self) -> ScopeDetector:
