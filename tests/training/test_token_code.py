@@ -109,3 +109,16 @@ def test_run_token_code_trains_calibrates_and_keeps_the_initial_adapter(tmp_path
         run_token_code(m, merge(cfg, {"token_code": {"stpes": 3}}), tmp_path)
     with pytest.raises(ValueError, match="question_templates"):
         run_token_code(m, merge(cfg, {"data": {"question_templates": None}}), tmp_path)
+
+
+@pytest.mark.parametrize("name", ["small-tokens.yaml", "small-both.yaml"])
+def test_token_code_configs_are_valid(name):
+    """The shipped token-code recipes parse, build a valid model config and name only known token_code keys."""
+    from pathlib import Path
+
+    from larimar.modeling.config import LarimarConfig
+    from larimar.training.cli import TOKEN_CODE_KEYS, load_config
+
+    model_cfg, train_cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / name)
+    cfg = LarimarConfig(**model_cfg)
+    assert cfg.value_code in ("tokens", "both") and set(train_cfg["token_code"]) <= TOKEN_CODE_KEYS
