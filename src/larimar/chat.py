@@ -16,7 +16,7 @@ HELP = __doc__.split("\n", 2)[2]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="saved Larimar directory, or a shipped adapter's name: default, tokens (default: default)")
+    p.add_argument("--model", default=None, help="saved Larimar directory, or a shipped adapter's name: default, latent, tokens (default: default)")
     p.add_argument("--memory", default=None, help="load this saved memory directory at start")
     p.add_argument("--max-new-tokens", type=int, default=20)
 

@@ -15,7 +15,7 @@ UNRELATED = "The largest planet in the solar system is"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="saved Larimar directory, or a shipped adapter's name: default, tokens (default: default)")
+    p.add_argument("--model", default=None, help="saved Larimar directory, or a shipped adapter's name: default, latent, tokens (default: default)")
     p.add_argument("--max-new-tokens", type=int, default=8)
 
 

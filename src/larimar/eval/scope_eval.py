@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="CounterFact file (default: counterfact-rome.json in the data dir)")
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--out", default="results/scope")
-    p.add_argument("--model", default=None, help="saved Larimar directory, or a shipped adapter's name: default, tokens (default: default)")
+    p.add_argument("--model", default=None, help="saved Larimar directory, or a shipped adapter's name: default, latent, tokens (default: default)")
     p.add_argument("--shared", action="store_true", help="store all n facts together instead of one per case")
     p.add_argument("--threshold", type=float, default=None, help="threshold for F1 (default: the model's)")
 
