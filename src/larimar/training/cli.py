@@ -232,6 +232,9 @@ def run_token_code(model, train_cfg: dict, output: Path) -> None:
         raise ValueError(f"train.token_code: unknown keys {unknown} (expected some of {sorted(TOKEN_CODE_KEYS)})")
     if not d.get("question_templates"):
         raise ValueError("train.token_code calibrates on PARAREL questions: set data.question_templates")
+    factors = tc.get("calibration_factors")  # checked before minutes of training are spent
+    if factors is not None and (not isinstance(factors, list) or not factors or not all(isinstance(f, (int, float)) and f > 0 for f in factors)):
+        raise ValueError(f"train.token_code.calibration_factors: expected a list of positive numbers, got {factors!r}")
     if tc.get("init_adapter"):
         directory_in = load_initial_adapter(model, Path(tc["init_adapter"]))
         _inherit_scope(model, directory_in, keep_latents=True)
@@ -245,9 +248,6 @@ def run_token_code(model, train_cfg: dict, output: Path) -> None:
         batch=int(tc.get("batch", 64)), noise=float(tc.get("noise", 0.3)), seed=d["seed"],
     )
     items = question_items(d["pararel_root"], d["question_templates"], cal, seed=d["seed"], exclude_eval_from=d.get("exclude_eval_from"))
-    factors = tc.get("calibration_factors")
-    if factors is not None and (not isinstance(factors, list) or not factors or not all(isinstance(f, (int, float)) and f > 0 for f in factors)):
-        raise ValueError(f"train.token_code.calibration_factors: expected a list of positive numbers, got {factors!r}")
     calibration = calibrate_token_code(model, items, **({} if factors is None else {"factors": tuple(float(f) for f in factors)}))
     (output / "token_code_history.json").write_text(json.dumps({"history": history, "calibration": calibration}, indent=2) + "\n")
 
