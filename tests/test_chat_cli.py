@@ -34,3 +34,20 @@ def test_cli_lists_commands_and_imports_only_the_chosen_one():
     assert {"demo", "chat", "bench", "train", "scope", "eval"} <= names
     args = build_parser("bench").parse_args(["bench", "memory", "--json"])
     assert args.target == "memory" and args.json
+
+
+def test_chat_and_demo_end_answers_at_the_first_sentence_end_unless_whole(monkeypatch):
+    model = tiny_larimar()
+    seen: list[bool] = []
+    real = model.generate
+
+    def spy(*a, **kw):
+        seen.append(kw["stop_after_answer"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(model, "generate", spy)
+    handle(model, "? The capital of France is", 3, [].append)
+    handle(model, "? The capital of France is", 3, [].append, stop_after_answer=False)
+    assert seen == [True, False]
+    assert build_parser("demo").parse_args(["demo"]).whole is False
+    assert build_parser("chat").parse_args(["chat", "--whole"]).whole is True

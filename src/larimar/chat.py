@@ -19,9 +19,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="saved Larimar directory, or a shipped adapter's name: default, latent, tokens (default: default)")
     p.add_argument("--memory", default=None, help="load this saved memory directory at start")
     p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--whole", action="store_true",
+                   help="show whole continuations; by default each answer ends at its first sentence end")
 
 
-def handle(model, line: str, max_new_tokens: int, out=print) -> bool:
+def handle(model, line: str, max_new_tokens: int, out=print, stop_after_answer: bool = True) -> bool:
     """Execute one chat line; returns False when the user asked to quit."""
     from larimar.editing.store import FactNotFoundError, MemoryFileError
     from larimar.modeling.encoder import TextInputError
@@ -57,7 +59,7 @@ def handle(model, line: str, max_new_tokens: int, out=print) -> bool:
             out(f"  unknown command {line.split()[0]!r}; :help lists them")
         else:
             query = line[1:].strip() if line.startswith("?") else line
-            g = model.generate([query], max_new_tokens=max_new_tokens, return_details=True)[0]
+            g = model.generate([query], max_new_tokens=max_new_tokens, return_details=True, stop_after_answer=stop_after_answer)[0]
             route = f"memory, scope {g.scope_score:.2f}" if g.used_memory else "plain"
             out(f"  {query} {g.text.strip()}   [{route}]")
     except (TextInputError, FactNotFoundError, MemoryFileError, ValueError, OSError) as exc:
@@ -77,6 +79,6 @@ def run(args: argparse.Namespace) -> int:
         print("NOTE: untrained adapter: memory-conditioned answers will not follow the facts yet.")
     print("Larimar chat. :help for commands.")
     for line in sys.stdin if not sys.stdin.isatty() else iter(lambda: input("> "), None):
-        if not handle(model, line, args.max_new_tokens):
+        if not handle(model, line, args.max_new_tokens, stop_after_answer=not args.whole):
             break
     return 0

@@ -17,6 +17,8 @@ UNRELATED = "The largest planet in the solar system is"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="saved Larimar directory, or a shipped adapter's name: default, latent, tokens (default: default)")
     p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--whole", action="store_true",
+                   help="show whole continuations; by default each ends at its first sentence end (generate(stop_after_answer=True))")
 
 
 def _quiet_transformers() -> None:
@@ -26,9 +28,9 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _show(model, prompts: list[str], max_new_tokens: int) -> float:
+def _show(model, prompts: list[str], max_new_tokens: int, stop: bool) -> float:
     t0 = time.perf_counter()
-    outs = model.generate(prompts, max_new_tokens=max_new_tokens, return_details=True)
+    outs = model.generate(prompts, max_new_tokens=max_new_tokens, return_details=True, stop_after_answer=stop)
     dt = time.perf_counter() - t0
     for p, g in zip(prompts, outs):
         route = f"memory (scope {g.scope_score:.2f})" if g.used_memory else "plain  "
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     n = args.max_new_tokens
 
     print("\n1. Base model (empty memory):")
-    _show(model, prompts, n)
+    _show(model, prompts, n, not args.whole)
 
     print("\n2. Writing counterfactual facts (one shot, no gradient step):")
     for query, fact in EDITS:
@@ -61,13 +63,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"  + {fact!r}  ({(time.perf_counter() - t) * 1000:.1f} ms)")
 
     print("\n3. Edited model:")
-    dt = _show(model, prompts, n)
-    print(f"  ({dt:.2f} s for {len(prompts)} prompts x {n} tokens)")
+    dt = _show(model, prompts, n, not args.whole)
+    print(f"  ({dt:.2f} s for {len(prompts)} prompts, up to {n} tokens each)")
 
     forgotten = EDITS[0][1]
     t = time.perf_counter()
     model.forget([forgotten])
     print(f"\n4. Forgetting {forgotten!r} ({(time.perf_counter() - t) * 1000:.1f} ms):")
-    _show(model, prompts, n)
+    _show(model, prompts, n, not args.whole)
     print(f"\nmemory holds {len(model)} fact(s); total demo time {time.perf_counter() - t0:.1f} s")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -160,3 +161,24 @@ def test_larimar_system_passes_release_after_answer(monkeypatch, release):
     lar.apply(CASES[0])
     lar.sample([CASES[0].prompt], max_new_tokens=2, seed=0)
     assert seen["release_after_answer"] is release and seen["do_sample"] is True
+
+
+def test_stop_after_answer_reaches_every_system_and_excludes_release(monkeypatch):
+    seen = []
+
+    def fake(model, prompts, **kw):
+        seen.append(kw["stop_after_answer"])
+        return ["x"] * len(prompts)
+
+    monkeypatch.setattr(lk, "batched_generate", fake)
+    model = tiny_larimar()
+    kw = {"temperature": 1.0, "top_p": 0.95, "batch_size": 4, "stop_after_answer": True}
+    for system in (lk.BaseSystem(model, **kw), lk.LarimarSystem(model, use_memory="always", **kw)):
+        system.apply(CASES[0])
+        system.sample([CASES[0].prompt], max_new_tokens=2, seed=0)
+    assert seen == [True, True]
+    p = argparse.ArgumentParser()
+    lk.add_arguments(p)
+    assert p.parse_args(["--out", "x", "--stop-after-answer"]).stop_after_answer is True
+    with pytest.raises(SystemExit):
+        p.parse_args(["--out", "x", "--stop-after-answer", "--release-after-answer"])

@@ -182,6 +182,42 @@ def test_the_code_starts_over_after_its_end_token(model):
     model.reset_memory()
 
 
+def test_stop_after_answer_ends_at_the_code_end_token(model):
+    """Held, the code spells the value again after its end; stopped, the answer is the value and its end."""
+    model.reset_memory()
+    model.write_facts(["the sky is capital Paris."], ["the sky is"])
+    want = model.value_code_ids(["capital Paris"])[0]
+    pad = model.tokenizer.pad_token_id
+    held = model.generate(["the sky is"], max_new_tokens=2 * len(want), use_memory="always")[0]
+    stopped = model.generate(["the sky is"], max_new_tokens=2 * len(want), use_memory="always", stop_after_answer=True)[0]
+    assert model.tokenizer(held, add_special_tokens=False)["input_ids"] == want + want
+    assert model.tokenizer(stopped, add_special_tokens=False)["input_ids"] == want
+    cond, ids, runner = one_fact(model)
+    new = runner.generate(ids, torch.ones_like(ids), cond, max_new_tokens=2 * len(want),
+                          stop_mask=model.sentence_end_mask(), blank_mask=model.blank_token_mask(), pad_token_id=pad)
+    assert new[0].tolist() == want + [pad] * len(want)  # padded after the end, like EOS
+    with pytest.raises(ValueError, match="exclude each other"):
+        model.generate(["the sky is"], release_after_answer=True, stop_after_answer=True)
+    model.reset_memory()
+
+
+def test_stop_mask_waits_for_text_before_a_blank_token_can_end_a_row(model):
+    """A row ends at its first stop token after a non-blank one; a blank stop token before any text does not end it."""
+    cond, ids, runner = one_fact(model)
+    V = model.decoder.config.vocab_size
+    full = runner.generate(ids, torch.ones_like(ids), cond, max_new_tokens=4)
+    every = torch.ones(V, dtype=torch.bool)
+    first = runner.generate(ids, torch.ones_like(ids), cond, max_new_tokens=4, stop_mask=every, pad_token_id=-7)
+    assert first[0, 0] == full[0, 0] and first[0, 1:].tolist() == [-7] * 3
+    blank_first = torch.zeros(V, dtype=torch.bool)
+    blank_first[full[0, 0]] = True  # the first token counts as whitespace: the row ends after the second
+    second = runner.generate(ids, torch.ones_like(ids), cond, max_new_tokens=4, stop_mask=every, blank_mask=blank_first, pad_token_id=-7)
+    assert second[0, :2].tolist() == full[0, :2].tolist() and second[0, 2:].tolist() == [-7] * 2
+    assert not torch.equal(model.blank_token_mask(), model.sentence_end_mask())
+    assert bool(model.blank_token_mask()[model.tokenizer(" ", add_special_tokens=False)["input_ids"][0]])
+    model.reset_memory()
+
+
 def test_release_mask_stops_the_code(model):
     cond, ids, runner = one_fact(model)
     first = runner.generate(ids, torch.ones_like(ids), cond, max_new_tokens=1)

@@ -162,7 +162,8 @@ def attack_case(system: AttackSystem, case: "EditCase", *, budget: int, max_new_
 
 class _Sampler:
     def __init__(
-        self, model: "Larimar", *, temperature: float, top_p: float, batch_size: int, use_memory: str, release_after_answer: bool = False
+        self, model: "Larimar", *, temperature: float, top_p: float, batch_size: int, use_memory: str,
+        release_after_answer: bool = False, stop_after_answer: bool = False,
     ) -> None:
         self.model = model
         self.temperature = float(temperature)
@@ -170,12 +171,13 @@ class _Sampler:
         self.batch_size = int(batch_size)
         self.use_memory = use_memory
         self.release_after_answer = bool(release_after_answer)
+        self.stop_after_answer = bool(stop_after_answer)
 
     def sample(self, prompts: list[str], *, max_new_tokens: int, seed: int) -> list[str]:
         return batched_generate(
             self.model, prompts, max_new_tokens=max_new_tokens, use_memory=self.use_memory, batch_size=self.batch_size,
             do_sample=True, temperature=self.temperature, top_p=self.top_p, seed=seed,
-            release_after_answer=self.release_after_answer,
+            release_after_answer=self.release_after_answer, stop_after_answer=self.stop_after_answer,
         )
 
 
@@ -436,8 +438,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--systems", default="base,larimar,rome", help="comma-separated subset of base,larimar,rome")
     p.add_argument("--scan-max", type=int, default=None, help="scan at most this many cases for known facts")
     p.add_argument("--use-memory", choices=("auto", "always"), default="auto", help="Larimar query routing (default auto)")
-    p.add_argument("--release-after-answer", action="store_true",
-                   help="Larimar's memory conditions each attack continuation only up to its first sentence end")
+    after = p.add_mutually_exclusive_group()
+    after.add_argument("--release-after-answer", action="store_true",
+                       help="Larimar's memory conditions each attack continuation only up to its first sentence end")
+    after.add_argument("--stop-after-answer", action="store_true",
+                       help="every system's attack continuations end at their first sentence end (generate(stop_after_answer=True))")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
     p.add_argument("--max-new-tokens", type=int, default=12, help="tokens per continuation (default 12)")
@@ -467,6 +472,7 @@ def run(args: argparse.Namespace) -> int:
         "scan_max": args.scan_max,
         "use_memory": args.use_memory,
         **({"release_after_answer": True} if args.release_after_answer else {}),  # (absent from older runs' configs)
+        **({"stop_after_answer": True} if args.stop_after_answer else {}),
         "temperature": args.temperature,
         "top_p": args.top_p,
         "max_new_tokens": args.max_new_tokens,
@@ -477,7 +483,7 @@ def run(args: argparse.Namespace) -> int:
     }
     seed_everything(args.seed)
     model = load_model(args.model)
-    kw = {"temperature": args.temperature, "top_p": args.top_p, "batch_size": args.batch_size}
+    kw = {"temperature": args.temperature, "top_p": args.top_p, "batch_size": args.batch_size, "stop_after_answer": args.stop_after_answer}
     systems: dict[str, AttackSystem] = {}
     for name in names:
         if name == "base":

@@ -176,6 +176,7 @@ def batched_generate(
     top_p: float = 1.0,
     seed: int | None = None,
     release_after_answer: bool = False,
+    stop_after_answer: bool = False,
 ) -> list[str]:
     """``model.generate`` over ``prompts`` in batches of ``batch_size`` (left-padded, new text only).
 
@@ -194,6 +195,7 @@ def batched_generate(
             top_p=top_p,
             seed=None if seed is None else int(seed) + b,
             release_after_answer=release_after_answer,
+            stop_after_answer=stop_after_answer,
         )
     return out
 

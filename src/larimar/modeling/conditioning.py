@@ -319,11 +319,15 @@ class ConditionedDecoder:
         pad_token_id: int = 0,
         generator: torch.Generator | None = None,
         release_mask: torch.Tensor | None = None,
+        stop_mask: torch.Tensor | None = None,
+        blank_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Left-padded prompts (B, T) -> new tokens (B, max_new_tokens), padded with `pad_token_id` after EOS.
 
         `release_mask` (V,) bool: once a row generates one of these tokens (e.g. those ending a sentence),
         the output offset stops acting on that row, which then decodes on from its text alone.
+        `stop_mask` (V,) bool: a row ends, as at EOS, with the first of these tokens it generates after a
+        token outside `blank_mask` (V,) bool (whitespace: a leading newline does not end an empty answer).
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -349,6 +353,9 @@ class ConditionedDecoder:
         next_pos = position_ids[:, -1:] + 1  # (B, 1)
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         released = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        stop = stop_mask.to(input_ids.device) if stop_mask is not None else None
+        blank = blank_mask.to(input_ids.device) if blank_mask is not None and stop is not None else None
+        started = torch.zeros(B, dtype=torch.bool, device=input_ids.device)  # a row has generated some text
         has_code = cond is not None and cond.code is not None
         conditioned_out = bias is not None or has_code
         release = release_mask.to(input_ids.device) if release_mask is not None and conditioned_out else None
@@ -372,6 +379,9 @@ class ConditionedDecoder:
             new_tokens.append(token)
             if eos_token_id is not None:
                 finished = finished | (token == eos_token_id)
+            if stop is not None:
+                started = started | (~blank[token] if blank is not None else torch.ones_like(started))
+                finished = finished | (stop[token] & started)
             if step == max_new_tokens - 1 or bool(finished.all()):
                 break
             if release is not None:

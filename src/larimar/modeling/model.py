@@ -625,13 +625,18 @@ class Larimar(nn.Module):
         use_memory: UseMemory = "auto",
         return_details: bool = False,
         release_after_answer: bool = False,
+        stop_after_answer: bool = False,
     ) -> list[str] | list[Generation]:
         """Continue each prompt. Greedy by default; sampling with temperature / top-k / top-p and a seed.
 
         `use_memory`: "auto" (scope detector decides), "always", or "never" (plain decoding).
         `release_after_answer`: memory conditions a continuation only up to its first sentence end
         (a token with ".", "!", "?" or a newline); the rest is plain decoding of the text so far.
+        `stop_after_answer`: every continuation, from memory or plain, ends at its first sentence end
+        after some text (the token code's end is a newline): " Rome\n" instead of " Rome\n Rome\n Rome".
         """
+        if release_after_answer and stop_after_answer:
+            raise ValueError("generate: release_after_answer and stop_after_answer exclude each other (stopping leaves nothing to release)")
         prompts = check_texts(prompts, "generate")
         mask, scores, q_emb = self.route_with_embeddings(prompts, use_memory)
         gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
@@ -656,6 +661,8 @@ class Larimar(nn.Module):
                 pad_token_id=self.tokenizer.pad_token_id,
                 generator=gen,
                 release_mask=self.sentence_end_mask() if release_after_answer else None,
+                stop_mask=self.sentence_end_mask() if stop_after_answer else None,
+                blank_mask=self.blank_token_mask() if stop_after_answer else None,
             )
             for j, i in enumerate(idx):
                 outputs[i] = self.tokenizer.decode(new[j], skip_special_tokens=True)
@@ -665,14 +672,23 @@ class Larimar(nn.Module):
 
     def sentence_end_mask(self) -> torch.Tensor:
         """(V,) bool: decoder tokens whose text holds ".", "!", "?" or a newline (cached)."""
-        mask = self.__dict__.get("_sentence_end_mask")
+        return self._token_text_mask("_sentence_end_mask", lambda text: any(ch in text for ch in ".!?\n"))
+
+    def blank_token_mask(self) -> torch.Tensor:
+        """(V,) bool: decoder tokens whose text is empty or whitespace only (cached)."""
+        return self._token_text_mask("_blank_token_mask", lambda text: not text.strip())
+
+    def _token_text_mask(self, key: str, predicate) -> torch.Tensor:
+        """(V,) bool: `predicate(text)` of each decoder token's text, cached under `key` (ids past the
+        tokenizer's vocabulary, e.g. padding rows of the embedding, are False)."""
+        mask = self.__dict__.get(key)
         if mask is None:
             V = self.decoder.get_output_embeddings().weight.shape[0]
             texts = self.tokenizer.convert_ids_to_tokens(list(range(min(V, len(self.tokenizer)))))
-            flags = [any(ch in self.tokenizer.convert_tokens_to_string([t]) for ch in ".!?\n") if t is not None else False for t in texts]
+            flags = [predicate(self.tokenizer.convert_tokens_to_string([t])) if t is not None else False for t in texts]
             mask = torch.zeros(V, dtype=torch.bool)
             mask[: len(flags)] = torch.tensor(flags, dtype=torch.bool)
-            self.__dict__["_sentence_end_mask"] = mask
+            self.__dict__[key] = mask
         return mask
 
     @torch.no_grad()
