@@ -51,3 +51,26 @@ def test_chat_and_demo_end_answers_at_the_first_sentence_end_unless_whole(monkey
     assert seen == [True, False]
     assert build_parser("demo").parse_args(["demo"]).whole is False
     assert build_parser("chat").parse_args(["chat", "--whole"]).whole is True
+
+
+def test_chat_writes_and_forgets_a_fact_keyed_by_its_prompt(monkeypatch):
+    from larimar.chat import parse_fact
+
+    assert parse_fact(" The capital of France is | Rome ") == ("The capital of France is Rome", "The capital of France is")
+    assert parse_fact(" plain text ") == ("plain text", None)
+    model = tiny_larimar(keyed_writes=True, value_writes=True)
+    calls = []
+    real = model.write
+
+    def spy(texts, *a, **kw):
+        calls.append((list(texts), kw.get("keys"), kw.get("values")))
+        return real(texts, *a, **kw)
+
+    monkeypatch.setattr(model, "write", spy)
+    out: list[str] = []
+    handle(model, "+ The capital of France is | Rome", 3, out.append)
+    assert calls == [(["The capital of France is Rome"], ["The capital of France is"], ["Rome"])]
+    handle(model, "+ The capital of France is |  ", 3, out.append)
+    assert out[-1].startswith("  error:") and len(model) == 1
+    handle(model, "- The capital of France is | Rome", 3, out.append)
+    assert len(model) == 0

@@ -1,6 +1,8 @@
 """`larimar chat`: an interactive loop to add, forget and ask.
 
     + TEXT        write a fact           - TEXT      forget a fact (exact text)
+    + PROMPT | ANSWER   write a fact keyed by its prompt, storing its answer (the shipped
+                        adapter spells rare answers this way); - PROMPT | ANSWER forgets it
     ? TEXT / TEXT ask (generate)         :list       show stored facts
     :save DIR     save the memory        :load DIR   load a saved memory
     :reset        empty the memory       :quit       leave
@@ -21,6 +23,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--whole", action="store_true",
                    help="show whole continuations; by default each answer ends at its first sentence end")
+
+
+def parse_fact(text: str) -> tuple[str, str | None]:
+    """"PROMPT | ANSWER" -> ("PROMPT ANSWER", "PROMPT"); a text without "|" -> (text, None)."""
+    if "|" not in text:
+        return text.strip(), None
+    prompt, _, answer = text.partition("|")
+    prompt, answer = prompt.strip(), answer.strip()
+    if not prompt or not answer:
+        raise ValueError(f"expected 'PROMPT | ANSWER' with both parts non-empty, got {text.strip()!r}")
+    return f"{prompt} {answer}", prompt
 
 
 def handle(model, line: str, max_new_tokens: int, out=print, stop_after_answer: bool = True) -> bool:
@@ -48,12 +61,17 @@ def handle(model, line: str, max_new_tokens: int, out=print, stop_after_answer: 
             model.load_memory(line[6:].strip())
             out(f"  loaded {len(model)} fact(s)")
         elif line.startswith("+"):
+            text, prompt = parse_fact(line[1:])
             t = time.perf_counter()
-            model.write([line[1:].strip()])
+            if prompt is None:
+                model.write([text])
+            else:
+                model.write_facts([text], [prompt])
             out(f"  written ({(time.perf_counter() - t) * 1000:.1f} ms); {len(model)} fact(s) in memory")
         elif line.startswith("-"):
+            text, _ = parse_fact(line[1:])
             t = time.perf_counter()
-            model.forget([line[1:].strip()])
+            model.forget([text])
             out(f"  forgotten ({(time.perf_counter() - t) * 1000:.1f} ms); {len(model)} fact(s) in memory")
         elif line.startswith(":"):
             out(f"  unknown command {line.split()[0]!r}; :help lists them")
