@@ -145,6 +145,21 @@ class ScopeDetector:
 
     @torch.no_grad()
     def score(self, queries: list[str]) -> ScopeResult:
+        if self.keys is None:
+            n = len(queries)
+            return ScopeResult(torch.full((n,), -1.0), torch.full((n,), -1, dtype=torch.long), torch.zeros(n, dtype=torch.bool))
+        cos, recall, raw = self.components(queries)
+        per_fact = cos if recall is None else (1 - self.lexical_weight) * cos + self.lexical_weight * recall  # (Q, N)
+        score, nearest = per_fact.max(dim=1)  # (Q,), (Q,)
+        return ScopeResult(score, nearest, score >= self.threshold, raw)
+
+    @torch.no_grad()
+    def components(self, queries: list[str]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The two signals of `score` against each stored fact -> (cosine (Q, N): best over the query's
+        sentences and the whole query; lexical recall (Q, N), None when `lexical_weight` is 0; the raw
+        embedding of each whole query (Q, H)). Needs stored facts."""
+        if self.keys is None:
+            raise ValueError("ScopeDetector.components: no stored facts")
         pieces, owner, whole = [], [], []
         for qi, q in enumerate(queries):
             parts = split_sentences(q) if self.split else [q]
@@ -154,19 +169,13 @@ class ScopeDetector:
             whole.append(len(pieces) + len(parts) - 1)  # the last piece is always the whole query
             pieces.extend(parts)
             owner.extend([qi] * len(parts))
-        if self.keys is None:
-            n = len(queries)
-            return ScopeResult(torch.full((n,), -1.0), torch.full((n,), -1, dtype=torch.long), torch.zeros(n, dtype=torch.bool))
         raw = self.embed_fn(pieces)
         emb = self.normalise(raw).to(self.keys.device)
         sims = (emb @ self.keys.T).cpu()  # (P, N) cosine of every piece to every fact
         owner_t = torch.tensor(owner).unsqueeze(1).expand_as(sims)  # (P, N)
-        per_fact = torch.full((len(queries), sims.shape[1]), -2.0).scatter_reduce(0, owner_t, sims, "amax")  # (Q, N)
-        if self.lexical_weight > 0:
-            lam = self.lexical_weight
-            per_fact = (1 - lam) * per_fact + lam * self.lexical_recall(queries)
-        score, nearest = per_fact.max(dim=1)  # (Q,), (Q,)
-        return ScopeResult(score, nearest, score >= self.threshold, raw[whole])
+        cos = torch.full((len(queries), sims.shape[1]), -2.0).scatter_reduce(0, owner_t, sims, "amax")  # (Q, N)
+        recall = self.lexical_recall(queries) if self.lexical_weight > 0 else None
+        return cos, recall, raw[whole]
 
 
 def idf_weights(tokens: Iterable[str], idf: dict[str, float] | None) -> dict[str, float]:
