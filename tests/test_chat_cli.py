@@ -70,6 +70,10 @@ def test_chat_writes_and_forgets_a_fact_keyed_by_its_prompt(monkeypatch):
     out: list[str] = []
     handle(model, "+ The capital of France is | Rome", 3, out.append)
     assert calls == [(["The capital of France is Rome"], ["The capital of France is"], ["Rome"])]
+    assert "written" in out[-1]  # no tip after a keyed write
+    handle(model, "+ Paris is in Texas.", 3, out.append)
+    assert "PROMPT | ANSWER" in out[-1] and calls[-1] == (["Paris is in Texas."], None, None)
+    handle(model, "- Paris is in Texas.", 3, out.append)
     handle(model, "+ The capital of France is |  ", 3, out.append)
     assert out[-1].startswith("  error:") and len(model) == 1
     handle(model, "- The capital of France is | Rome", 3, out.append)

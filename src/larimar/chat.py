@@ -68,6 +68,8 @@ def handle(model, line: str, max_new_tokens: int, out=print, stop_after_answer: 
             else:
                 model.write_facts([text], [prompt])
             out(f"  written ({(time.perf_counter() - t) * 1000:.1f} ms); {len(model)} fact(s) in memory")
+            if prompt is None and model.config.keyed_writes:
+                out("  (stored by its own meaning; '+ PROMPT | ANSWER' keys a fact by the question you will ask and stores its answer)")
         elif line.startswith("-"):
             text, _ = parse_fact(line[1:])
             t = time.perf_counter()
