@@ -286,6 +286,49 @@ def test_keyed_memory_save_load_keeps_keys(tmp_path):
     torch.testing.assert_close(model.facts.state.M, M_before, atol=1e-5, rtol=1e-4)
 
 
+def test_key_texts_follow_writes_forgets_and_files(tmp_path):
+    """The ledger keeps the text each fact was keyed by (the text itself when unkeyed) through forget, save and load."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model = make("llama")
+    model.write(FACTS[:2], keys=PROMPTS[:2])
+    model.write(FACTS[2:])
+    assert model.facts.key_texts == PROMPTS[:2] + FACTS[2:]
+    model.forget([FACTS[0]])
+    assert model.facts.key_texts == PROMPTS[1:2] + FACTS[2:]
+    model.save_memory(tmp_path / "mem")
+    model.reset_memory()
+    model.load_memory(tmp_path / "mem")
+    assert model.facts.key_texts == PROMPTS[1:2] + FACTS[2:] and model.facts.texts == FACTS[1:]
+    path = tmp_path / "mem" / "facts.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(str(path))
+    save_file(tensors, str(path), metadata={k: v for k, v in meta.items() if k != "key_texts"})  # a file from before key texts
+    model.load_memory(tmp_path / "mem")
+    assert model.facts.key_texts == model.facts.texts
+    save_file(tensors, str(path), metadata={**meta, "key_texts": json.dumps(["only one"])})
+    with pytest.raises(MemoryFileError, match="key texts"):
+        model.load_memory(tmp_path / "mem")
+    assert model.facts.key_texts == model.facts.texts  # the failed load changed nothing
+
+
+def test_scope_lexical_text_key_counts_the_prompt_not_the_answer():
+    """With scope_lexical_text "key" lexical recall counts the tokens of each fact's prompt, which a
+    paraphrase can repeat in full; "text" also counts the answer's, which no query holds."""
+    fact, prompt = "Ramalinaceae belongs to the family Lamiinae.", "Ramalinaceae belongs to the family"
+    scores = {}
+    for mode in ("text", "key"):
+        model = make("llama", scope_lexical_weight=0.5, scope_lexical_text=mode)
+        model.write([fact], keys=[prompt])
+        assert model.scope._key_texts == [prompt if mode == "key" else fact]
+        scores[mode] = float(model.scope.lexical_recall([prompt])[0, 0])
+    assert scores["key"] == pytest.approx(1.0) and scores["text"] < 0.99
+    with pytest.raises(ValueError, match="scope_lexical_text"):
+        LarimarConfig(scope_lexical_text="answer")
+
+
 def test_save_and_load_memory(model, tmp_path):
     model.write(FACTS)
     model.save_memory(tmp_path / "mem")

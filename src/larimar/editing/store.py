@@ -2,8 +2,8 @@
 
 The ledger keeps, for every written fact, its text, the exact latent z that went into memory (so
 forgetting subtracts exactly what was added, Eq. 6, whatever the encoder's batching did), the latent
-its addresses came from (z itself, or its key for a keyed write) and its sentence embedding (for the
-scope detector). Every operation returns a new `FactMemory`; a failed call
+its addresses came from (z itself, or its key for a keyed write), its sentence embedding and the
+text of its key (for the scope detector: the prompt of a keyed write, else the text). Every operation returns a new `FactMemory`; a failed call
 changes nothing.
 """
 
@@ -45,26 +45,37 @@ class FactMemory:
     keys: torch.Tensor | None = None  # (N, C) latents the write addresses came from (rows equal Z unless keyed)
     allocate_slots: bool = False  # key slots: each new key of a keyed write claims a free slot first
     slot_assigned: torch.Tensor | None = None  # (K,) bool, with allocate_slots: rows that are keys (not sentinels)
+    key_texts: list[str] | None = None  # per fact, the text it is keyed by (its prompt); None: the texts themselves
 
     def __post_init__(self) -> None:
         if self.keys is None and self.Z is not None:  # built without keys: every fact addressed itself
             self.keys = self.Z
+        if self.key_texts is None:
+            self.key_texts = list(self.texts)
+        elif len(self.key_texts) != len(self.texts):
+            raise ValueError(f"FactMemory: {len(self.texts)} texts but {len(self.key_texts)} key texts")
         if self.allocate_slots and self.slot_assigned is None:
             self.slot_assigned = torch.zeros(self.state.K, dtype=torch.bool)
 
     def __len__(self) -> int:
         return len(self.texts)
 
-    def write(self, texts: list[str], Z: torch.Tensor, E: torch.Tensor, keys: torch.Tensor | None = None) -> "FactMemory":
+    def write(
+        self, texts: list[str], Z: torch.Tensor, E: torch.Tensor, keys: torch.Tensor | None = None, key_texts: list[str] | None = None
+    ) -> "FactMemory":
         """Write N facts (Z: (N, C), E: (N, H)) as one episode; returns the new FactMemory.
 
         `keys` (N, C): a keyed write, W = address(keys) instead of address(Z): each fact is stored
-        under its key's address (e.g. the latent of the prompt that should recall it). With
+        under its key's address (e.g. the latent of the prompt that should recall it), and
+        `key_texts` (N texts, default `texts`) are the keys' texts. With
         `allocate_slots` (key slots, Gaussian addressing) each new key first claims an unused slot
         (:func:`larimar.memory.allocate_key_slots`).
         """
         if Z.shape[0] != len(texts) or E.shape[0] != len(texts):
             raise ValueError(f"write: {len(texts)} texts but Z has {Z.shape[0]} rows and E {E.shape[0]}")
+        key_texts = list(texts) if key_texts is None else list(key_texts)
+        if len(key_texts) != len(texts):
+            raise ValueError(f"write: {len(texts)} texts but {len(key_texts)} key texts")
         if keys is not None and keys.shape != Z.shape:
             raise ValueError(f"write: keys must have the shape of Z {tuple(Z.shape)}, got {tuple(keys.shape)}")
         Z = Z.detach().to(self.state.dtype)
@@ -85,6 +96,7 @@ class FactMemory:
             K if self.keys is None else torch.cat([self.keys, K]),
             self.allocate_slots,
             assigned,
+            self.key_texts + key_texts,
         )
 
     def find(self, texts: list[str]) -> list[int]:
@@ -116,6 +128,7 @@ class FactMemory:
             self.keys[keep] if keep else None,
             self.allocate_slots,
             self.slot_assigned,
+            [self.key_texts[i] for i in keep],
         )
 
     # ------------------------------------------------------------------ persistence
@@ -134,6 +147,8 @@ class FactMemory:
                 if not torch.equal(self.keys, self.Z):
                     tensors["keys"] = self.keys.contiguous().cpu()
             meta = {"format": FORMAT, "version": str(FORMAT_VERSION), "texts": json.dumps(self.texts)}
+            if self.key_texts != self.texts:
+                meta["key_texts"] = json.dumps(self.key_texts)
             if self.allocate_slots:
                 meta["allocate_slots"] = "true"
                 tensors["slot_assigned"] = self.slot_assigned.to(torch.uint8).contiguous().cpu()
@@ -178,6 +193,12 @@ class FactMemory:
             texts = json.loads(meta["texts"])
         except (KeyError, json.JSONDecodeError) as exc:
             raise MemoryFileError(f"{d / 'facts.safetensors'}: fact texts are missing or corrupt") from exc
+        try:  # files written before key texts were kept, or with none differing from the texts: the texts
+            key_texts = json.loads(meta["key_texts"]) if "key_texts" in meta else list(texts)
+        except json.JSONDecodeError as exc:
+            raise MemoryFileError(f"{d / 'facts.safetensors'}: key texts are corrupt") from exc
+        if not isinstance(key_texts, list) or len(key_texts) != len(texts) or not all(isinstance(t, str) for t in key_texts):
+            raise MemoryFileError(f"{d / 'facts.safetensors'}: {len(texts)} texts but key texts do not match them")
         Z, E = tensors.get("Z"), tensors.get("E")
         n = 0 if Z is None else Z.shape[0]
         if n != len(texts) or (E is not None and E.shape[0] != n):
@@ -197,4 +218,4 @@ class FactMemory:
             if assigned is None or tuple(assigned.shape) != (K,):
                 raise MemoryFileError(f"{d}: key slots need a slot_assigned mask of K={K} entries")
             assigned = assigned.bool()
-        return cls(state, texts, Z, E, keys, allocate == "true", assigned if allocate == "true" else None)
+        return cls(state, texts, Z, E, keys, allocate == "true", assigned if allocate == "true" else None, key_texts)

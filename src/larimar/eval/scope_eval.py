@@ -37,20 +37,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def scope_components(model, cases, shared: bool, progress: bool = True) -> dict[str, list]:
     """Cosine and lexical recall of every query against the stored facts -> {"pos": [(cos (1, N), recall
     (1, N)), ...], "neg": [...]}, one pair per paraphrase / neighbourhood prompt (N facts: 1 per case,
-    or all with `shared`). Recall uses the model's tokenizer and IDF table whatever its λ."""
+    or all with `shared`). Recall uses the model's tokenizer and IDF table whatever its λ, and counts the
+    tokens of each fact's prompt when the model keys its writes and `scope_lexical_text` is "key"."""
     from tqdm import tqdm
 
     from larimar.editing.scope import ScopeDetector
 
     facts = [f"{c.prompt} {c.target_new}." for c in cases]
     fact_emb = model.encoder.embed(facts)  # (n, H)
+    keyed = model.config.keyed_writes and model.config.scope_lexical_text == "key"
+    lexical = [c.prompt for c in cases] if keyed else facts  # what the model's own writes would give the detector
     det = ScopeDetector(model._embed_for_scope, lexical_weight=0.5, tokenize=model.encoder.tokenizer.tokenize, idf=model.scope_idf)
     out: dict[str, list] = {"pos": [], "neg": []}
     if shared:
-        det.set_keys(fact_emb, facts)
+        det.set_keys(fact_emb, lexical)
     for i, c in enumerate(tqdm(cases, desc="scope", unit="case", disable=not progress)):
         if not shared:
-            det.set_keys(fact_emb[i : i + 1], facts[i : i + 1])
+            det.set_keys(fact_emb[i : i + 1], lexical[i : i + 1])
         for kind, queries in (("pos", c.paraphrase_prompts), ("neg", c.neighborhood_prompts)):
             if queries:
                 cos, recall, _ = det.components(list(queries))

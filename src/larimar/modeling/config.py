@@ -11,6 +11,7 @@ from typing import Any
 ADDRESSING_MODES = ("reference", "current", "gaussian")
 POOLING_MODES = ("mean", "cls")
 VALUE_CODES = ("encoder", "tokens", "both")
+SCOPE_LEXICAL_TEXTS = ("text", "key")
 M_PRIOR_MODES = ("zero", "reference")
 
 
@@ -55,6 +56,9 @@ class LarimarConfig:
     scope_threshold: float = 0.65  # near the equal-error point on CounterFact dev (larimar scope)
     use_scope_detector: bool = True
     scope_lexical_weight: float = 0.0  # λ: score = (1-λ)·cosine + λ·IDF-weighted token recall (ScopeDetector)
+    # whose tokens the recall counts: "text" the fact's text; "key" the text the fact was keyed by (the prompt of a
+    # keyed write, which a query can repeat; the answer after it never is), the fact's text when written without a key
+    scope_lexical_text: str = "text"
     # text limits
     max_encoder_tokens: int = 128
     max_decoder_tokens: int = 512
@@ -95,6 +99,8 @@ class LarimarConfig:
             raise ValueError(f"LarimarConfig.scope_threshold must be in [0, 1], got {self.scope_threshold}")
         if not 0.0 <= self.scope_lexical_weight < 1.0:
             raise ValueError(f"LarimarConfig.scope_lexical_weight must be in [0, 1), got {self.scope_lexical_weight}")
+        if self.scope_lexical_text not in SCOPE_LEXICAL_TEXTS:
+            raise ValueError(f"LarimarConfig.scope_lexical_text={self.scope_lexical_text!r}: expected one of {SCOPE_LEXICAL_TEXTS}")
 
     @property
     def memory_width(self) -> int:

@@ -271,7 +271,7 @@ class Larimar(nn.Module):
         if facts is None or len(facts) == 0:
             self.scope.set_keys(None)
         else:
-            self.scope.set_keys(facts.E, facts.texts)
+            self.scope.set_keys(facts.E, facts.key_texts if self.config.scope_lexical_text == "key" else facts.texts)
 
     # ------------------------------------------------------------------ memory
     @property
@@ -415,7 +415,7 @@ class Larimar(nn.Module):
         if self.config.value_code == "tokens":  # token value code: keys (or the texts themselves) through the encoder
             Z, E = self.encoder.encode_with_embedding(texts + (keys or []), batch_size=batch_size)
             Zk = Z[n:] if keys is not None else Z  # (N, C): without keys a text is addressed by its own latent
-            self.facts = self.facts.write(texts, self.encode_token_values(values if values is not None else texts), E[:n], Zk)
+            self.facts = self.facts.write(texts, self.encode_token_values(values if values is not None else texts), E[:n], Zk, keys)
             return
         # one encoder pass for texts, keys and values (values through the value encoder, if there is one)
         own_values = values is not None and self.encoder.value_model is not None
@@ -426,7 +426,7 @@ class Larimar(nn.Module):
                 Z = self.encoder.encode_values(values, batch_size=batch_size) if own_values else Zv
         if self.config.value_code == "both":  # rows [latent, token code of the value]; keys in the latent half
             Z, Zk = self.value_rows(Z, values), None if Zk is None else self.memory_rows(Zk)
-        facts = self.facts.write(texts, Z, E, Zk)
+        facts = self.facts.write(texts, Z, E, Zk, keys)
         self.facts = facts
 
     def value_code_end_id(self) -> int:

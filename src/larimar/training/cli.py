@@ -202,7 +202,7 @@ def _inherit_scope(model, init_dir: Path, *, keep_latents: bool) -> None:
     cfg_path, idf = init_dir / CONFIG_FILE, load_scope_idf(init_dir)
     if cfg_path.is_file():
         init_cfg = json.loads(cfg_path.read_text())
-        keep = {k: init_cfg[k] for k in ("scope_threshold", "scope_lexical_weight") if k in init_cfg}
+        keep = {k: init_cfg[k] for k in ("scope_threshold", "scope_lexical_weight", "scope_lexical_text") if k in init_cfg}
         model.config = model.config.replace(**keep)
         model.configure_scope()
     if idf is not None:
