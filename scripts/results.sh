@@ -18,7 +18,7 @@ st2_gate() {
 }
 echo "=== $(date +%T) keyed_capacity"; .venv/bin/python scripts/keyed_capacity.py --ridges 1.0 --out reports/keyed_capacity.json
 run eval modelcard --model latent   --out "$R/modelcard"
-echo "=== $(date +%T) larimar scope"; "$L" scope --n 500 --out "$R/scope500"
+run scope --model latent --n 500 --out "$R/scope500"
 run eval counterfact --model latent --method larimar  --n 500 --out "$R/cf_larimar"
 run eval counterfact --model latent --method unedited --n 500 --out "$R/cf_unedited"
 run eval timing --model latent      --n 10 --out "$R/timing"
@@ -150,6 +150,8 @@ run eval leakage     --model $M --n 30 --systems larimar --release-after-answer 
 run eval leakage --model latent     --n 30 --systems larimar --release-after-answer --out "$R/leakage_released"
 # session 14: the default adapter (latent + token code, configs/small-both.yaml, ~5 min on the CPU; shipped as
 # src/larimar/assets/default). zsre_larimar_both_x3 came from a x3 calibration of the same training, not shipped.
+# These ran before session 15 re-chose the default's scope setting (it was scope_lexical_text "text", lambda 0.5,
+# threshold 0.555, as "latent" still has); runs that route queries give the session-15 figures now.
 run eval zsre        --method larimar --n 200 --out "$R/zsre_larimar_both"
 run eval sequential  --n 1000 --eval-max 200 --eval-every 500 --methods larimar --addressing gaussian --out "$R/sequential_keyslots_both"
 run eval counterfact --method larimar --n 500 --out "$R/cf_larimar_both"
@@ -165,4 +167,20 @@ run eval robustness  --n 30 --memory-facts 512 --out "$R/robustness_m512_both"
 run eval timing      --n 10 --out "$R/timing_both"
 run eval batch       --memory-sizes 512 --sizes 1,16,64,256,512,1024,2048 --eval-n 50 --out "$R/batch_k512_both"
 run eval rephrase    --max-writes 1000 --eval-every 250 --out "$R/rephrase1000_both"
+# session 15: generate(stop_after_answer=True), and the default's scope detector keyed by prompts
+# (scope_lexical_text "key", lambda 0.7, threshold 0.63, chosen by the --select run on unused cases)
+run scope --start 500 --n 605 --select 0.954 --out "$R/scope_select_dev"
+run scope --data "${LARIMAR_DATA:-../shared/data}/zsre/zsre_mend_eval-600.json" --start 200 --n 400 --out "$R/scope_zsre_dev"
+run scope --model latent --start 500 --n 605 --out "$R/scope_select_dev_latent"
+run scope --model latent --data "${LARIMAR_DATA:-../shared/data}/zsre/zsre_mend_eval-600.json" --start 200 --n 400 --out "$R/scope_zsre_dev_latent"
+run scope --n 500 --out "$R/scope500_s15"
+run eval counterfact --method larimar --n 500 --out "$R/cf_larimar_2reph_s15" --set n_rephrases=2
+run eval counterfact --method larimar --n 500 --out "$R/cf_larimar_s15"
+run eval zsre        --method larimar --n 200 --out "$R/zsre_larimar_s15"
+run eval leakage     --n 30 --systems larimar --out "$R/leakage_s15"
+run eval leakage     --n 30 --systems base,larimar --stop-after-answer --out "$R/leakage_both_stopped"
+run eval leakage     --model latent --n 30 --systems base,larimar --stop-after-answer --out "$R/leakage_stopped"
+run eval leakage     --n 30 --systems larimar --release-after-answer --out "$R/leakage_released_s15"
+run eval batch       --memory-sizes 512 --sizes 1,16,64,256,512,1024,2048 --eval-n 50 --out "$R/batch_k512_s15"
+run eval forget      --n 5 --no-icl --addressing gaussian --out "$R/forget_keyslots_s15"
 echo "=== $(date +%T) done"

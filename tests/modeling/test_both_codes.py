@@ -179,7 +179,11 @@ def test_shipped_latent_adapter_is_the_default_without_its_code(tmp_path):
     cd, cl = (LarimarConfig.load(x / "config.json").to_dict() for x in (d, lat))
     assert cd["value_code"] == "both" and cl["value_code"] == "encoder" and not (lat / "adapter.safetensors").exists()
     code_keys = {"value_code", "value_code_end", "value_code_slots", "extra"}
-    assert {k: v for k, v in cd.items() if k not in code_keys} == {k: v for k, v in cl.items() if k not in code_keys}
+    scope_keys = {"scope_lexical_text", "scope_lexical_weight", "scope_threshold"}  # the default's were re-chosen in session 15
+    other = code_keys | scope_keys
+    assert {k: v for k, v in cd.items() if k not in other} == {k: v for k, v in cl.items() if k not in other}
+    assert (cl["scope_lexical_text"], cl["scope_lexical_weight"], cl["scope_threshold"]) == ("text", 0.5, 0.555)  # as in sessions 6-14
+    assert cd["scope_lexical_text"] == "key"
     assert shared_weights_dir(lat, LarimarConfig.load(lat / "config.json")) == d.resolve()
     assert shared_weights_dir(d, LarimarConfig.load(d / "config.json")) == d
     bad = LarimarConfig(extra={"weights_from": "../nowhere"})
