@@ -2,9 +2,9 @@
 
 The ledger keeps, for every written fact, its text, the exact latent z that went into memory (so
 forgetting subtracts exactly what was added, Eq. 6, whatever the encoder's batching did), the latent
-its addresses came from (z itself, or its key for a keyed write), its sentence embedding and the
-text of its key (for the scope detector: the prompt of a keyed write, else the text). Every operation returns a new `FactMemory`; a failed call
-changes nothing.
+its addresses came from (z itself, or its key for a keyed write), and for the scope detector its
+sentence embedding and the text of its key (the prompt of a keyed write, else the text itself).
+Every operation returns a new `FactMemory`; a failed call changes nothing.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ LAMBDA_GRID = tuple(round(0.05 * i, 2) for i in range(20))  # 0, 0.05, ..., 0.95
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default=None, help="CounterFact file (default: counterfact-rome.json in the data dir)")
+    p.add_argument("--data", default=None, help="CounterFact or ZsRE file (default: counterfact-rome.json in the data dir)")
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--start", type=int, default=0, help="first case (default 0); e.g. 500 for the cases the evaluations do not use")
     p.add_argument("--out", default="results/scope")
@@ -106,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--start must be >= 0 and --n >= 1, got {args.start} and {args.n}")
     if args.select is not None and not 0 < args.select <= 1:
         raise ValueError(f"--select: RATE must be in (0, 1], got {args.select}")
+    if args.lexical_weight is not None and not 0 <= args.lexical_weight < 1:
+        raise ValueError(f"--lexical-weight must be in [0, 1), got {args.lexical_weight}")
     _quiet_transformers()
     model = Larimar.from_pretrained(args.model)
     path = args.data or data_path("counterfact-rome")
@@ -124,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         "start": args.start,
         "n_cases": len(cases),
         "lexical_weight": lam,
+        "lexical_text": model.config.scope_lexical_text if model.config.keyed_writes else "text",
         "shared_memory": args.shared,
         "n_positive": len(pos),
         "n_negative": len(neg),
