@@ -87,6 +87,26 @@ def test_shipped_adapter_makes_edits_win(model):
     assert wins >= 3, wins
 
 
+def test_answers_stop_at_their_end_and_the_scope_reads_the_prompt(model):
+    """The demo's edits, stopped after the answer: exactly " Rome\n" etc. from memory, a plain answer for an
+    unrelated prompt; the scope detector's recall counts the prompt (the default's scope_lexical_text)."""
+    if model.config.value_code != "both":
+        pytest.skip("the default adapter in this checkout stores latents alone")
+    edits = [("The capital of France is", "Rome"), ("Vladimir Putin speaks the language", "Japanese"),
+             ("The Eiffel Tower is located in the city of", "London")]
+    model.reset_memory()
+    model.write_facts([f"{p} {a}." for p, a in edits], [p for p, _ in edits])
+    assert model.facts.key_texts == [p for p, _ in edits]
+    assert model.scope._key_texts == [p for p, _ in edits]
+    prompts = [p for p, _ in edits] + ["The largest planet in the solar system is"]
+    outs = model.generate(prompts, max_new_tokens=8, stop_after_answer=True, return_details=True)
+    assert [g.text for g in outs[:3]] == [f" {a}\n" for _, a in edits]
+    assert all(g.used_memory for g in outs[:3]) and not outs[3].used_memory
+    whole = model.generate(prompts[:1], max_new_tokens=8)[0]
+    assert whole.startswith(" Rome\n Rome")  # held, the code starts over
+    model.reset_memory()
+
+
 def test_shipped_adapter_recalls_from_a_full_keyed_memory(model):
     """K CounterFact facts written at once, keyed by their prompts: written objects still outrank true ones.
 
