@@ -213,6 +213,8 @@ def test_stop_mask_waits_for_text_before_a_blank_token_can_end_a_row(model):
     blank_first[full[0, 0]] = True  # the first token counts as whitespace: the row ends after the second
     second = runner.generate(ids, torch.ones_like(ids), cond, max_new_tokens=4, stop_mask=every, blank_mask=blank_first, pad_token_id=-7)
     assert second[0, :2].tolist() == full[0, :2].tolist() and second[0, 2:].tolist() == [-7] * 2
+    plain = runner.generate(ids, torch.ones_like(ids), None, max_new_tokens=3, stop_mask=every, pad_token_id=-7)
+    assert plain[0, 1:].tolist() == [-7, -7]  # plain decoding (no memory) stops too
     assert not torch.equal(model.blank_token_mask(), model.sentence_end_mask())
     assert bool(model.blank_token_mask()[model.tokenizer(" ", add_special_tokens=False)["input_ids"][0]])
     model.reset_memory()
