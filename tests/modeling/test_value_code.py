@@ -201,6 +201,31 @@ def test_stop_after_answer_ends_at_the_code_end_token(model):
     model.reset_memory()
 
 
+def test_answers_read_from_a_code_end_at_its_end_token_not_at_a_full_stop(model):
+    """A value may hold "." ("St. Louis"): a row read from a code stops at the code's end token; a row
+    whose code gate is below 0.5 (a text stored without a value) stops at any sentence end."""
+    from larimar.modeling.conditioning import Conditioning
+
+    ends, end_id = model.sentence_end_mask(), model.value_code_end_id()
+    cond = Conditioning(None, code=torch.zeros(2, 32), code_head=model.token_code, code_gate=torch.tensor([0.9, 0.2]))
+    mask = model.answer_end_mask(cond)
+    assert mask.shape == (2, ends.shape[0])
+    assert mask[0].nonzero().flatten().tolist() == [end_id] and torch.equal(mask[1], ends)
+    assert torch.equal(model.answer_end_mask(None), ends)
+    assert model.answer_end_mask(Conditioning(None, code=torch.zeros(1, 32), code_head=model.token_code))[0].sum() == 1  # no gate: 1
+    # the decoding loop reads a per-row mask: row 0 ends at its second token, row 1 at its first
+    cond1, ids, runner = one_fact(model)
+    full = runner.generate(ids, torch.ones_like(ids), cond1, max_new_tokens=3)
+    V = ends.shape[0]
+    rows = torch.zeros(2, V, dtype=torch.bool)
+    rows[0, full[0, 1]] = True
+    rows[1] = True
+    two = Conditioning(None, code=cond1.code.expand(2, -1), code_head=cond1.code_head)
+    out = runner.generate(ids.expand(2, -1), torch.ones(2, ids.shape[1], dtype=torch.long), two, max_new_tokens=3, stop_mask=rows, pad_token_id=-7)
+    assert out[0].tolist() == full[0, :2].tolist() + [-7] and out[1].tolist() == [int(full[0, 0]), -7, -7]
+    model.reset_memory()
+
+
 def test_stop_mask_waits_for_text_before_a_blank_token_can_end_a_row(model):
     """A row ends at its first stop token after a non-blank one; a blank stop token before any text does not end it."""
     cond, ids, runner = one_fact(model)

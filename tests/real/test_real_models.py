@@ -105,6 +105,10 @@ def test_answers_stop_at_their_end_and_the_scope_reads_the_prompt(model):
     whole = model.generate(prompts[:1], max_new_tokens=8)[0]
     assert whole.startswith(" Rome\n Rome")  # held, the code starts over
     model.reset_memory()
+    model.write_facts(["The headquarters of Anheuser-Busch are in St. Louis."], ["The headquarters of Anheuser-Busch are in"])
+    got = model.generate(["The headquarters of Anheuser-Busch are in"], max_new_tokens=10, stop_after_answer=True)[0]
+    assert got == " St. Louis\n"  # a code's answer ends at the code's end, not at the "." inside it
+    model.reset_memory()
 
 
 def test_shipped_adapter_recalls_from_a_full_keyed_memory(model):

@@ -326,8 +326,9 @@ class ConditionedDecoder:
 
         `release_mask` (V,) bool: once a row generates one of these tokens (e.g. those ending a sentence),
         the output offset stops acting on that row, which then decodes on from its text alone.
-        `stop_mask` (V,) bool: a row ends, as at EOS, with the first of these tokens it generates after a
-        token outside `blank_mask` (V,) bool (whitespace: a leading newline does not end an empty answer).
+        `stop_mask` (V,) or per row (B, V) bool: a row ends, as at EOS, with the first of these tokens it
+        generates after a token outside `blank_mask` (V,) bool (whitespace: a leading newline does not end
+        an empty answer).
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -381,7 +382,8 @@ class ConditionedDecoder:
                 finished = finished | (token == eos_token_id)
             if stop is not None:
                 started = started | (~blank[token] if blank is not None else torch.ones_like(started))
-                finished = finished | (stop[token] & started)
+                hit = stop[token] if stop.dim() == 1 else stop.gather(1, token.clamp(min=0)[:, None])[:, 0]  # (B,)
+                finished = finished | (hit & started)
             if step == max_new_tokens - 1 or bool(finished.all()):
                 break
             if release is not None:

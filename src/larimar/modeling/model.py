@@ -632,8 +632,10 @@ class Larimar(nn.Module):
         `use_memory`: "auto" (scope detector decides), "always", or "never" (plain decoding).
         `release_after_answer`: memory conditions a continuation only up to its first sentence end
         (a token with ".", "!", "?" or a newline); the rest is plain decoding of the text so far.
-        `stop_after_answer`: every continuation, from memory or plain, ends at its first sentence end
-        after some text (the token code's end is a newline): " Rome\n" instead of " Rome\n Rome\n Rome".
+        `stop_after_answer`: every continuation ends with its answer: " Rome\n" instead of
+        " Rome\n Rome\n Rome". A row read from a stored token code (`value_code` "tokens", or "both" with
+        the code's gate at 0.5 or more) ends at the code's end token, so a value may hold "." ("St. Louis");
+        any other row, plain or from a latent, at its first sentence end after some text.
         """
         if release_after_answer and stop_after_answer:
             raise ValueError("generate: release_after_answer and stop_after_answer exclude each other (stopping leaves nothing to release)")
@@ -661,7 +663,7 @@ class Larimar(nn.Module):
                 pad_token_id=self.tokenizer.pad_token_id,
                 generator=gen,
                 release_mask=self.sentence_end_mask() if release_after_answer else None,
-                stop_mask=self.sentence_end_mask() if stop_after_answer else None,
+                stop_mask=self.answer_end_mask(cond) if stop_after_answer else None,
                 blank_mask=self.blank_token_mask() if stop_after_answer else None,
             )
             for j, i in enumerate(idx):
@@ -673,6 +675,18 @@ class Larimar(nn.Module):
     def sentence_end_mask(self) -> torch.Tensor:
         """(V,) bool: decoder tokens whose text holds ".", "!", "?" or a newline (cached)."""
         return self._token_text_mask("_sentence_end_mask", lambda text: any(ch in text for ch in ".!?\n"))
+
+    def answer_end_mask(self, cond: Conditioning | None) -> torch.Tensor:
+        """Where each row's answer ends -> (V,) bool, the sentence ends, or (B, V) bool when `cond` reads
+        token codes: the code's end token alone for a row whose code gate is at least 0.5."""
+        ends = self.sentence_end_mask()
+        if cond is None or cond.code is None:
+            return ends
+        B = cond.code.shape[0]
+        gate = torch.ones(B) if cond.code_gate is None else cond.code_gate.detach().float().cpu().reshape(B)
+        code_end = torch.zeros_like(ends)
+        code_end[self.value_code_end_id()] = True
+        return torch.where((gate >= 0.5)[:, None], code_end[None], ends[None])  # (B, V)
 
     def blank_token_mask(self) -> torch.Tensor:
         """(V,) bool: decoder tokens whose text is empty or whitespace only (cached)."""
