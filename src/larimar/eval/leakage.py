@@ -442,7 +442,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     after.add_argument("--release-after-answer", action="store_true",
                        help="Larimar's memory conditions each attack continuation only up to its first sentence end")
     after.add_argument("--stop-after-answer", action="store_true",
-                       help="every system's attack continuations end at their first sentence end (generate(stop_after_answer=True))")
+                       help="every system's attack continuations end with their answer (generate(stop_after_answer=True))")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
     p.add_argument("--max-new-tokens", type=int, default=12, help="tokens per continuation (default 12)")
