@@ -112,6 +112,21 @@ def test_the_code_is_gated_by_the_ratio_of_the_halves(pair):
     both.reset_memory()
 
 
+def test_a_code_gate_below_the_floor_reads_no_code(pair):
+    both, _ = pair
+    x = torch.cat([torch.ones(3, C), torch.tensor([[0.3], [0.5], [0.9]]) * torch.ones(3, C)], dim=-1)  # gates 0.3, 0.5, 0.9
+    torch.testing.assert_close(both.conditioning(x).code_gate, torch.tensor([0.3, 0.5, 0.9]))  # floor 0: every gate counts
+    old = both.config
+    try:
+        both.config = old.replace(code_gate_floor=0.5)
+        torch.testing.assert_close(both.conditioning(x).code_gate, torch.tensor([0.0, 0.5, 0.9]))
+        assert both.conditioning(x[:1]).code is None  # no row left with a code: none decoded
+    finally:
+        both.config = old
+    with pytest.raises(ValueError, match="code_gate_floor"):
+        LarimarConfig(code_gate_floor=1.5)
+
+
 def test_generation_spells_the_stored_values(pair):
     both, _ = pair
     both.reset_memory()
@@ -178,7 +193,7 @@ def test_shipped_latent_adapter_is_the_default_without_its_code(tmp_path):
         pytest.skip("no adapter shipped in this checkout")
     cd, cl = (LarimarConfig.load(x / "config.json").to_dict() for x in (d, lat))
     assert cd["value_code"] == "both" and cl["value_code"] == "encoder" and not (lat / "adapter.safetensors").exists()
-    code_keys = {"value_code", "value_code_end", "value_code_slots", "extra"}
+    code_keys = {"value_code", "value_code_end", "value_code_slots", "code_gate_floor", "extra"}
     scope_keys = {"scope_lexical_text", "scope_lexical_weight", "scope_threshold"}  # the default's were re-chosen in session 15
     other = code_keys | scope_keys
     assert {k: v for k, v in cd.items() if k not in other} == {k: v for k, v in cl.items() if k not in other}

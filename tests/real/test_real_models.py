@@ -109,6 +109,12 @@ def test_answers_stop_at_their_end_and_the_scope_reads_the_prompt(model):
     got = model.generate(["The headquarters of Anheuser-Busch are in"], max_new_tokens=10, stop_after_answer=True)[0]
     assert got == " St. Louis\n"  # a code's answer ends at the code's end, not at the "." inside it
     model.reset_memory()
+    if model.config.code_gate_floor > 0:  # a plain text is not taken over by a keyed neighbour's code
+        model.write_facts(["Cats are small animals."], ["Cats are"])
+        model.write(["Dogs bark at night."])
+        got = model.generate(["Dogs bark at", "Cats are"], max_new_tokens=8, stop_after_answer=True, use_memory="always")
+        assert got[1] == " small animals\n" and "animals" not in got[0], got
+        model.reset_memory()
 
 
 def test_shipped_adapter_recalls_from_a_full_keyed_memory(model):
@@ -190,7 +196,7 @@ def test_default_adapter_stores_latent_and_token_code(model):
     o = override.config  # the same but for fields that only a token code reads, extra, and the default's scope settings
     assert o == latent.config.replace(extra=o.extra, value_code_slots=o.value_code_slots, value_code_end=o.value_code_end,
                                       scope_lexical_weight=o.scope_lexical_weight, scope_threshold=o.scope_threshold,
-                                      scope_lexical_text=o.scope_lexical_text)
+                                      scope_lexical_text=o.scope_lexical_text, code_gate_floor=o.code_gate_floor)
     assert all(torch.equal(v, latent.adapter_state()[k]) for k, v in override.adapter_state().items())
     state, full = latent.adapter_state(), model.adapter_state()
     assert set(full) - set(state) == {k for k in full if k.startswith("token_code.")}

@@ -52,6 +52,7 @@ class LarimarConfig:
     value_code: str = "encoder"
     value_code_slots: int = 8  # tokens per token code, the end token included
     value_code_end: str = "\n"  # the token a token code ends with (after it the code starts over)
+    code_gate_floor: float = 0.0  # "both": a read-out whose code gate is below this reads no code (0: every gate counts)
     # scope detector (paper §4)
     scope_threshold: float = 0.65  # near the equal-error point on CounterFact dev (larimar scope)
     use_scope_detector: bool = True
@@ -84,6 +85,8 @@ class LarimarConfig:
             raise ValueError(f"LarimarConfig.value_code={self.value_code!r}: expected one of {VALUE_CODES}")
         if self.value_code != "encoder" and int(self.value_code_slots) < 2:
             raise ValueError(f"LarimarConfig.value_code_slots must be >= 2, got {self.value_code_slots}")
+        if not 0.0 <= self.code_gate_floor <= 1.0:
+            raise ValueError(f"LarimarConfig.code_gate_floor must be in [0, 1], got {self.code_gate_floor}")
         if self.value_code == "both" and self.addressing == "current":
             raise ValueError(
                 "LarimarConfig: value_code 'both' addresses by the latent half of a row, which 'current' addressing "

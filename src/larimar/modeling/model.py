@@ -556,6 +556,7 @@ class Larimar(nn.Module):
             if z.shape[-1] == 2 * C:
                 z, code = z[..., :C], z[..., C:]  # (B, C) each
                 gate = (code.norm(dim=-1) / z.norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)  # (B,)
+                gate = torch.where(gate >= self.config.code_gate_floor, gate, torch.zeros_like(gate))  # weak codes: none
                 if not bool((gate > 0).any()):  # no row holds a code (texts only): skip decoding it
                     code, gate = None, None
             elif z.shape[-1] != C:
