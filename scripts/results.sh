@@ -183,4 +183,16 @@ run eval leakage     --model latent --n 30 --systems base,larimar --stop-after-a
 run eval leakage     --n 30 --systems larimar --release-after-answer --out "$R/leakage_released_s15"
 run eval batch       --memory-sizes 512 --sizes 1,16,64,256,512,1024,2048 --eval-n 50 --out "$R/batch_k512_s15"
 run eval forget      --n 5 --no-icl --addressing gaussian --out "$R/forget_keyslots_s15"
+# session 15, later: the default's code_gate_floor 0.5 (a read-out whose code half is under half the latent half's
+# norm reads no code); the *_s15 runs above were made before it, with floor 0. runs/floor05 was that config
+# with extra.weights_from pointing at the default's weights; it is now the default itself.
+run eval batch       --memory-sizes 512 --sizes 512,1024,2048 --eval-n 50 --out "$R/batch_k512_floor05"
+run eval zsre        --method larimar --n 200 --out "$R/zsre_larimar_floor05"
+run eval sequential  --n 1000 --eval-max 200 --eval-every 500 --methods larimar --out "$R/sequential_floor05"
+run eval forget      --n 5 --no-icl --out "$R/forget_noicl_floor05"
+run eval modelcard   --out "$R/modelcard_floor05"
+run eval robustness  --n 30 --memory-facts 512 --out "$R/robustness_m512_floor05"
+run eval counterfact --method larimar --n 500 --out "$R/cf_larimar_floor05"
+run eval counterfact --method larimar --n 500 --out "$R/cf_larimar_2reph_floor05" --set n_rephrases=2
+run eval leakage     --n 30 --systems larimar --out "$R/leakage_floor05"
 echo "=== $(date +%T) done"
