@@ -195,4 +195,6 @@ run eval robustness  --n 30 --memory-facts 512 --out "$R/robustness_m512_floor05
 run eval counterfact --method larimar --n 500 --out "$R/cf_larimar_floor05"
 run eval counterfact --method larimar --n 500 --out "$R/cf_larimar_2reph_floor05" --set n_rephrases=2
 run eval leakage     --n 30 --systems larimar --out "$R/leakage_floor05"
+run eval sequential  --n 1000 --eval-max 200 --eval-every 500 --methods larimar --addressing gaussian --out "$R/sequential_keyslots_floor05"
+run eval forget      --n 5 --no-icl --addressing gaussian --out "$R/forget_keyslots_floor05"
 echo "=== $(date +%T) done"
