@@ -117,6 +117,20 @@ def test_lexical_detector_checks_its_inputs():
         det.set_keys(torch.ones(2, 3))
 
 
+def test_components_give_recall_on_request_whatever_the_weight():
+    """A cosine-only detector gives lexical recall when asked (larimar scope sweeps λ from one pass)."""
+    vocab = ["paris", "france", "rome"]
+    det = ScopeDetector(_bag_embed(vocab), tokenize=_words)  # λ = 0
+    det.set_keys(_bag_embed(vocab)(["paris france."]), ["paris france."])
+    cos, recall, _ = det.components(["paris"])
+    assert recall is None and torch.equal(det.score(["paris"]).score, cos[:, 0])
+    torch.testing.assert_close(det.components(["paris"], recall=True)[1], torch.tensor([[0.5]]))
+    bare = ScopeDetector(_bag_embed(vocab))
+    bare.set_keys(_bag_embed(vocab)(["paris france."]))  # no texts, no tokenizer
+    with pytest.raises(ValueError, match="lexical recall needs"):
+        bare.components(["paris"], recall=True)
+
+
 def test_build_idf_hand_computed():
     idf = build_idf(["a b", "a c", "a"], str.split)
     assert idf["a"] == pytest.approx(math.log(4 / 4)) and idf["b"] == pytest.approx(math.log(4 / 2))

@@ -99,12 +99,12 @@ class ScopeDetector:
         return out
 
     def set_keys(self, embeddings: torch.Tensor | None, texts: list[str] | None = None) -> None:
-        """Stored facts: (N, H) embeddings and, when lexical recall is on, their N texts."""
+        """Stored facts: (N, H) embeddings and their N texts (needed when lexical recall is on)."""
         self._lexical = None
         if embeddings is None or embeddings.shape[0] == 0:
             self.keys, self._key_texts = None, []
             return
-        if self.lexical_weight > 0:
+        if texts is not None or self.lexical_weight > 0:
             if texts is None or len(texts) != embeddings.shape[0]:
                 raise ValueError(f"ScopeDetector.set_keys: lexical recall needs one text per key ({embeddings.shape[0]} keys)")
             self._key_texts = list(texts)
@@ -154,12 +154,15 @@ class ScopeDetector:
         return ScopeResult(score, nearest, score >= self.threshold, raw)
 
     @torch.no_grad()
-    def components(self, queries: list[str]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def components(self, queries: list[str], *, recall: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """The two signals of `score` against each stored fact -> (cosine (Q, N): best over the query's
-        sentences and the whole query; lexical recall (Q, N), None when `lexical_weight` is 0; the raw
-        embedding of each whole query (Q, H)). Needs stored facts."""
+        sentences and the whole query; lexical recall (Q, N), computed when `recall` (default: when
+        `lexical_weight` > 0), else None; the raw embedding of each whole query (Q, H)). Needs stored facts."""
         if self.keys is None:
             raise ValueError("ScopeDetector.components: no stored facts")
+        want_recall = self.lexical_weight > 0 if recall is None else recall
+        if want_recall and (self.tokenize is None or len(self._key_texts) != self.keys.shape[0]):
+            raise ValueError("ScopeDetector.components: lexical recall needs a tokenize function and one text per stored fact")
         pieces, owner, whole = [], [], []
         for qi, q in enumerate(queries):
             parts = split_sentences(q) if self.split else [q]
@@ -174,8 +177,7 @@ class ScopeDetector:
         sims = (emb @ self.keys.T).cpu()  # (P, N) cosine of every piece to every fact
         owner_t = torch.tensor(owner).unsqueeze(1).expand_as(sims)  # (P, N)
         cos = torch.full((len(queries), sims.shape[1]), -2.0).scatter_reduce(0, owner_t, sims, "amax")  # (Q, N)
-        recall = self.lexical_recall(queries) if self.lexical_weight > 0 else None
-        return cos, recall, raw[whole]
+        return cos, self.lexical_recall(queries) if want_recall else None, raw[whole]
 
 
 def idf_weights(tokens: Iterable[str], idf: dict[str, float] | None) -> dict[str, float]:

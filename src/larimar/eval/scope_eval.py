@@ -41,13 +41,11 @@ def scope_components(model, cases, shared: bool, progress: bool = True) -> dict[
     tokens of each fact's prompt when the model keys its writes and `scope_lexical_text` is "key"."""
     from tqdm import tqdm
 
-    from larimar.editing.scope import ScopeDetector
-
     facts = [f"{c.prompt} {c.target_new}." for c in cases]
     fact_emb = model.encoder.embed(facts)  # (n, H)
     keyed = model.config.keyed_writes and model.config.scope_lexical_text == "key"
     lexical = [c.prompt for c in cases] if keyed else facts  # what the model's own writes would give the detector
-    det = ScopeDetector(model._embed_for_scope, lexical_weight=0.5, tokenize=model.encoder.tokenizer.tokenize, idf=model.scope_idf)
+    det = model.new_scope_detector()
     out: dict[str, list] = {"pos": [], "neg": []}
     if shared:
         det.set_keys(fact_emb, lexical)
@@ -56,7 +54,7 @@ def scope_components(model, cases, shared: bool, progress: bool = True) -> dict[
             det.set_keys(fact_emb[i : i + 1], lexical[i : i + 1])
         for kind, queries in (("pos", c.paraphrase_prompts), ("neg", c.neighborhood_prompts)):
             if queries:
-                cos, recall, _ = det.components(list(queries))
+                cos, recall, _ = det.components(list(queries), recall=True)
                 out[kind] += [(cos[j : j + 1], recall[j : j + 1]) for j in range(len(queries))]
     return out
 
