@@ -36,6 +36,13 @@ Slow measurements get fewer samples: at most --budget seconds each after the fir
 K=4096 naive write_oneshot, ~10 s a call on 2 cores, is timed once). Timings on a machine busy
 with other work are unreliable; a warning is printed to stderr when the load average exceeds the
 CPU count.
+
+model target — a model (--model; default: the shipped adapter) on an empty memory, two write paths:
+  texts  model.write(texts): the paper's auto-associative write; one text (median ms) and 1000 in
+         batches of 100 (texts/s); then one stored fact's prompt, 10 tokens, through memory vs plain.
+  facts  model.write_facts(texts, prompts): keyed by the prompt, the value (and its token code)
+         stored as the model's config says, as the editors and `larimar chat` write; same timings.
+  Targets: one write <= 30 ms, >= 300 per s in batches, memory path <= 1.10x plain decoding.
 """
 
 
@@ -62,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=5.0,
         help="seconds allowed per measurement after its first call; caps the repeats (default 5)",
+    )
+    parser.add_argument(
+        "--model", default=None, help="model target: a model directory or a shipped adapter's name (default: default)"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable CPUs)")
 
