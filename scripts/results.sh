@@ -197,4 +197,15 @@ run eval counterfact --method larimar --n 500 --out "$R/cf_larimar_2reph_floor05
 run eval leakage     --n 30 --systems larimar --out "$R/leakage_floor05"
 run eval sequential  --n 1000 --eval-max 200 --eval-every 500 --methods larimar --addressing gaussian --out "$R/sequential_keyslots_floor05"
 run eval forget      --n 5 --no-icl --addressing gaussian --out "$R/forget_keyslots_floor05"
+# session 16: Larimar on the baselines' cases, forgetting over every retained fact, and more trials
+run eval counterfact --method larimar --n 100 --out "$R/cf_larimar_first100"
+run eval zsre        --method larimar --n 200 --out "$R/zsre_larimar_s16"
+for N in 100 50; do
+  rm -rf "$R/zsre_larimar_first${N}_s16"; cp -r "$R/zsre_larimar_s16" "$R/zsre_larimar_first${N}_s16"
+  run eval zsre --method larimar --n $N --out "$R/zsre_larimar_first${N}_s16"
+done
+run eval forget      --n 20 --sizes 512 --no-icl --out "$R/forget_noicl_n20"
+run eval forget      --n 20 --sizes 512 --no-icl --addressing gaussian --out "$R/forget_keyslots_n20"
+run eval forget      --n 5 --sizes 512 --retained-max 511 --no-icl --addressing gaussian --out "$R/forget_keyslots_all"
+run eval forget      --n 5 --sizes 512 --retained-max 511 --no-icl --out "$R/forget_noicl_all"
 echo "=== $(date +%T) done"
