@@ -53,8 +53,9 @@ def test_forget_equals_never_seen_float64(addressing, one_episode):
     keep = [0, 1, 2, 4, 5, 6]
     forgot = full.forget(Z[3:4]).write(u)
     never = empty.write(Z[keep]).write(u)
-    torch.testing.assert_close(forgot.M, never.M, rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(forgot.cov, never.cov, rtol=1e-9, atol=1e-10)
+    # float64 with lambda = 1e-3: Cov entries reach 1e3, so round-off differs by BLAS (seen: 2e-10 on an AMD EPYC)
+    torch.testing.assert_close(forgot.M, never.M, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(forgot.cov, never.cov, rtol=1e-7, atol=1e-9)
     # and both equal the direct least-squares solution over the rows actually held
     rows = torch.cat([Z[keep], u])
     direct = closed_form_memory(empty.address(rows), rows, 1e-3, empty.M_prior)

@@ -172,7 +172,11 @@ def test_memory_readout_repeated_large_keys_fall_back_to_jitter():
     Z = torch.randn(4, 6)
     Wq, M = memory_readout(Z, keys[:1], M0, 1e-3, keys=keys)
     assert torch.isfinite(M).all()
-    torch.testing.assert_close(Wq @ M, Z.mean(0, keepdim=True), atol=0.1, rtol=0)  # one key, four values: about their mean (float32)
+    # one key, four values: about their mean (float32; the jittered solve's round-off depends on the BLAS,
+    # 0.15 off seen on an AMD EPYC), and nearer to it than to any single value
+    r = Wq @ M
+    torch.testing.assert_close(r, Z.mean(0, keepdim=True), atol=0.25, rtol=0)
+    assert (r - Z.mean(0)).norm() < (r - Z).norm(dim=-1).min()
 
 
 # ---------------------------------------------------------------------------------------------- stage 1
