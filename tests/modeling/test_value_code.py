@@ -92,6 +92,33 @@ def test_sequence_bias_is_the_per_position_bias():
     torch.testing.assert_close(padded[1], full[1])
 
 
+def test_vocab_units_are_cached_and_follow_in_place_changes():
+    """The cached (V, C) units equal a fresh `units(E)`; an in-place change to G or E recomputes them;
+    training (gradients on G) bypasses the cache; a copy of the module leaves the cache behind."""
+    import copy
+
+    code, E = code_and_embeddings()
+    with torch.no_grad():
+        U = code.vocab_units(E)
+        torch.testing.assert_close(U, code.units(E))
+        assert code.vocab_units(E).data_ptr() == U.data_ptr()  # the same tensor, not recomputed
+        code.G.mul_(-1.0)
+        torch.testing.assert_close(code.vocab_units(E), -U)
+        E.add_(1.0)
+        torch.testing.assert_close(code.vocab_units(E), code.units(E))
+        torch.testing.assert_close(code.vocab_units(E + 0), code.units(E + 0))  # another matrix: its own units
+    assert copy.deepcopy(code)._vocab_cache is None
+    fresh = code.vocab_units(E)  # grad enabled, G trainable: a differentiable product
+    assert fresh.requires_grad
+    fresh.sum().backward()
+    assert code.G.grad is not None
+    with torch.inference_mode():
+        U_inf = code.vocab_units(E)
+    x = torch.randn(2, U_inf.shape[1], requires_grad=True)
+    (x @ U_inf.T).sum().backward()  # made under inference_mode, still usable where autograd records
+    assert x.grad is not None
+
+
 def test_encode_rejects_bad_lengths():
     code, E = code_and_embeddings(slots=3)
     with pytest.raises(ValueError, match="1..3"):

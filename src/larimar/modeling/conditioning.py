@@ -362,7 +362,7 @@ class ConditionedDecoder:
         release = release_mask.to(input_ids.device) if release_mask is not None and conditioned_out else None
         if has_code:  # the token value code: a bias from the read-out and the token just read (left padding: last column)
             head, E = self._code_head(cond), self._embeddings()
-            U = head.units(E)  # (V, C) once per call
+            U = head.vocab_units(E)  # (V, C), cached across calls
             gate = torch.ones(B, dtype=U.dtype, device=U.device) if cond.code_gate is None else cond.code_gate.to(U.dtype)  # (B,)
 
             def code_bias(prev: torch.Tensor, prev2: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,7 @@ def code_accuracy(model: "Larimar", seqs: list[list[int]], *, noise: float = 0.0
     is right, "sequence": share of sequences with every token right}."""
     code, E = model.token_code, model.decoder.get_input_embeddings().weight
     starts = _start_tokens(model)
-    U = code.units(E)
+    U = code.vocab_units(E)
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     ok_tok = total = ok_seq = 0
     for b in range(0, len(seqs), batch):
@@ -143,7 +143,7 @@ def calibrate_token_code(
     if not items:
         raise ValueError("calibrate_token_code: no calibration items")
     code, E, tok = model.token_code, model.decoder.get_input_embeddings().weight, model.tokenizer
-    U = code.units(E)  # (V, C) once: the code does not change while it is calibrated
+    U = code.vocab_units(E)  # (V, C) once: the code does not change while it is calibrated
     hits = {f: 0 for f in factors}
     for prompt, value in items:
         p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
