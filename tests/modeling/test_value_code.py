@@ -12,19 +12,22 @@ from larimar.modeling.value_code import TokenValueCode
 from larimar.testing import tiny_larimar, tiny_word_pairs
 
 
-def code_and_embeddings(V: int = 400, H: int = 96, C: int = 64, slots: int = 5) -> tuple[TokenValueCode, torch.Tensor]:
+def code_and_embeddings(V: int = 400, H: int = 96, C: int = 64, slots: int = 5, depth: int = 1) -> tuple[TokenValueCode, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     E = torch.randn(V, H, generator=g)
-    code = TokenValueCode(H, C, slots)
+    code = TokenValueCode(H, C, slots, depth=depth)
     code.init_from_embeddings(E)
     return code, E
 
 
-def decode_chain(code: TokenValueCode, E: torch.Tensor, z: torch.Tensor, start: int, n: int) -> list[int]:
-    out, prev, prev2 = [], torch.tensor([start]), torch.tensor([-1])
+def decode_chain(code: TokenValueCode, E: torch.Tensor, z: torch.Tensor, start: int, n: int, before: tuple[int, ...] = ()) -> list[int]:
+    """Greedy decoding of `z` from the bias alone after the prompt tokens (*before, start)."""
+    read, out = list(before) + [start], []
     for _ in range(n):
-        prev, prev2 = code.logit_bias(z, prev, E, prev2=prev2).argmax(-1), prev
-        out.append(int(prev))
+        history = torch.tensor([read[::-1][: code.depth + 1]])
+        history = torch.nn.functional.pad(history, (0, code.depth + 1 - history.shape[1]), value=-1)
+        read.append(int(code.logit_bias(z, history, E).argmax(-1)))
+        out.append(read[-1])
     return out
 
 
@@ -66,29 +69,100 @@ def test_the_token_before_tells_repeated_tokens_apart():
     assert decode_chain(code, E, z, 0, 4) != seq
 
 
+def test_position_scores_match_a_hand_computed_formula():
+    """next_unit against the module docstring's formula, written out slot by slot with plain dot products:
+    s_k = sum_{d <= min(k, D)} lam^d M_{d, k-d} + [k <= D] beta lam^k M_{k, 0} + b_k, D = 2 of S - 2 = 3."""
+    code, E = code_and_embeddings(C=64, slots=5, depth=2)
+    lam, beta = 0.8, 0.5
+    with torch.no_grad():
+        code.w_prev2.fill_(lam)
+        code.start_credit.fill_(beta)
+        code.pos_bias.copy_(torch.tensor([0.1, -0.2, 0.05, 0.0]))
+    g = torch.Generator().manual_seed(3)
+    z = torch.nn.functional.normalize(torch.randn(2, 64, generator=g), dim=-1)
+    hist = torch.nn.functional.normalize(torch.randn(2, 4, 64, generator=g), dim=-1)  # 4 tokens read: only D + 1 = 3 count
+    S, D = code.slots, 2
+    R = [torch.eye(64)[:, code.perm[k]] * code.sign[k] for k in range(S)]  # R_k as matrices: R_k u = u @ R_k
+    with torch.no_grad():
+        got = code.next_unit(z, hist)
+        for n in range(2):
+            M = [[float(hist[n, d] @ R[k] @ z[n]) for k in range(S - 1)] for d in range(D + 1)]
+            s = []
+            for k in range(S - 1):
+                total = sum(lam**d * M[d][k - d] for d in range(min(k, D) + 1))
+                if k <= D:
+                    total += beta * lam**k * M[k][0]
+                s.append(total + float(code.pos_bias[k]))
+            scores = torch.tensor([float(code.threshold)] + s) * (64**0.5 / S) * code.log_tau[1].exp()
+            a = scores.softmax(-1)
+            r = sum(a[j] * (z[n] @ R[j].T) for j in range(S))  # R_jᵀ z
+            torch.testing.assert_close(got[n], r / r.norm(), atol=1e-5, rtol=1e-5)
+
+
+def test_depth_one_without_start_credit_is_the_pair_match():
+    """D = 1, beta = 0 (adapters before session 17): s_k = M_{0,k} + lam M_{1,k-1}, whatever else was read."""
+    code, E = code_and_embeddings(C=64, slots=5)
+    g = torch.Generator().manual_seed(4)
+    z = torch.nn.functional.normalize(torch.randn(3, 64, generator=g), dim=-1)
+    hist = torch.nn.functional.normalize(torch.randn(3, 3, 64, generator=g), dim=-1)
+    with torch.no_grad():
+        m = torch.stack([(code.bind(hist[:, 0], k) * z).sum(-1) for k in range(4)], -1)
+        m2 = torch.stack([(code.bind(hist[:, 1], k) * z).sum(-1) for k in range(3)], -1)
+        expected = m + code.w_prev2 * torch.nn.functional.pad(m2, (1, 0))
+        torch.testing.assert_close(code.position_scores(z, hist), expected)
+        torch.testing.assert_close(code.position_scores(z, hist[:, :2]), expected)
+
+
+def test_the_chain_back_to_the_start_tells_a_recurring_pair_apart():
+    """[a, b, c, a, b, d] (as " 19 March 1882": the pair (" ", "1") at slots 0-1 and 4-5): read after a
+    prompt, "a b" is followed by "c" or by "d"; the pair alone cannot tell. The chain back to the start
+    can: before slot 0 sits a prompt token, before slot 3 sits "c"."""
+    code, E = code_and_embeddings(C=96, slots=7)
+    seq = [11, 42, 7, 11, 42, 99]
+    z = code.encode(E, [seq])
+    with torch.no_grad():
+        code.pos_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 0.1, 0.0]))  # a prior as the trained one, for the later slot
+    assert decode_chain(code, E, z, 0, 6, before=(1, 2, 3, 4)) != seq  # pairs alone: "a b" read at slots 3-4
+    code.depth = 5
+    with torch.no_grad():
+        code.start_credit.fill_(0.5)
+    assert decode_chain(code, E, z, 0, 6, before=(1, 2, 3, 4)) == seq
+    again = code.encode(E, [[5, 11, 42, 7, 11, 42]])  # a genuine mid-code "a b" is still read as such
+    assert decode_chain(code, E, again, 0, 6, before=(1, 2, 3, 4)) == [5, 11, 42, 7, 11, 42]
+    triple = [11, 42, 7, 5, 11, 42, 7, 99]  # a recurring triple, as (" ", "1", "9") in " 19 March 1982"
+    code8, E8 = code_and_embeddings(H=256, C=256, slots=9, depth=7)  # 8 tokens: a wider code, less crosstalk
+    with torch.no_grad():
+        code8.start_credit.fill_(0.5)
+    assert decode_chain(code8, E8, code8.encode(E8, [triple]), 0, 8, before=(1, 2)) == triple
+
+
 def test_after_the_end_token_the_code_starts_over():
     code, E = code_and_embeddings(C=96)
     seq = [11, 42, 399]  # 399 plays the end token
     z = code.encode(E, [seq])
-    after_end = code.logit_bias(z, torch.tensor([399]), E, prev2=torch.tensor([42])).argmax(-1)
+    after_end = code.logit_bias(z, torch.tensor([[399, 42]]), E).argmax(-1)
     assert int(after_end) != 11  # without an end id the empty slot after it is read: noise
     code.end_id = 399
-    assert int(code.logit_bias(z, torch.tensor([399]), E, prev2=torch.tensor([42])).argmax(-1)) == 11
+    assert int(code.logit_bias(z, torch.tensor([[399, 42]]), E).argmax(-1)) == 11
 
 
 def test_sequence_bias_is_the_per_position_bias():
-    code, E = code_and_embeddings()
+    code, E = code_and_embeddings(depth=2)
     z = code.encode(E, [[1, 2, 3], [4, 5]])
     ids = torch.tensor([[7, 1, 2], [9, 4, 6]])
+    with torch.no_grad():  # the chain back to the start counts too
+        code.start_credit.fill_(0.4)
     full = code.sequence_bias(z, ids, E)  # (2, 3, V)
     for b in range(2):
         for t in range(3):
-            before = ids[b, t - 1 : t] if t > 0 else torch.tensor([-1])
-            torch.testing.assert_close(full[b, t], code.logit_bias(z[b : b + 1], ids[b, t : t + 1], E, prev2=before)[0])
-    # a padded position counts as no token before the next one
+            hist = [int(ids[b, t - d]) if t - d >= 0 else -1 for d in range(3)]
+            torch.testing.assert_close(full[b, t], code.logit_bias(z[b : b + 1], torch.tensor([hist]), E)[0])
+    assert not torch.allclose(full[0, 2], code.logit_bias(z[:1], ids[0, 1:3].flip(0)[None], E)[0])  # the third token back matters
+    # a padded position counts as no token
     mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
     padded = code.sequence_bias(z, ids, E, mask)
-    torch.testing.assert_close(padded[0, 1], code.logit_bias(z[:1], ids[0, 1:2], E, prev2=torch.tensor([-1]))[0])
+    torch.testing.assert_close(padded[0, 1], code.logit_bias(z[:1], torch.tensor([[1, -1, -1]]), E)[0])
+    torch.testing.assert_close(padded[0, 2], code.logit_bias(z[:1], torch.tensor([[2, 1, -1]]), E)[0])
     torch.testing.assert_close(padded[1], full[1])
 
 
@@ -200,6 +274,43 @@ def test_generate_matches_teacher_forced_forward(model):
     model.reset_memory()
 
 
+def test_generation_reads_the_same_history_as_teacher_forcing(model, monkeypatch):
+    """With a deeper history and the start credit on, the bias generation adds at each step equals the
+    teacher-forced bias at that position (the decoding loop rolls the history as `sequence_bias` shifts it)."""
+    cond, ids, runner = one_fact(model)
+    code = model.token_code
+    saved = (code.depth, code.start_credit.item(), code.log_tau.detach().clone())
+    seen = []
+    original = TokenValueCode.logit_bias
+
+    def recording(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        seen.append(out.detach().clone())
+        return out
+
+    try:
+        with torch.no_grad():
+            code.start_credit.fill_(0.5)
+            code.log_tau[1] = 0.0  # a soft position softmax: every term of every score shows in the bias
+        code.depth = 2  # of S - 2 = 2
+        monkeypatch.setattr(TokenValueCode, "logit_bias", recording)
+        new = runner.generate(ids, torch.ones_like(ids), cond, max_new_tokens=6)  # past the end token: a restart
+        monkeypatch.undo()
+        full = torch.cat([ids, new], dim=1)
+        with torch.no_grad():
+            teacher = code.sequence_bias(cond.code, full, model.decoder.get_input_embeddings().weight)[0]  # (T, V)
+        T0 = ids.shape[1]
+        assert len(seen) == new.shape[1]
+        for step, bias in enumerate(seen):
+            torch.testing.assert_close(bias[0], teacher[T0 - 1 + step], atol=1e-4, rtol=1e-4)
+    finally:
+        with torch.no_grad():
+            code.depth = saved[0]
+            code.start_credit.fill_(saved[1])
+            code.log_tau.copy_(saved[2])
+        model.reset_memory()
+
+
 def test_the_code_starts_over_after_its_end_token(model):
     """After the end token the code spells the value again (memory keeps control of the generation)."""
     cond, ids, runner = one_fact(model)
@@ -292,3 +403,16 @@ def test_adapter_round_trip_keeps_the_code(model):
     again.load_adapter_state(state)
     torch.testing.assert_close(again.token_code.log_tau, model.token_code.log_tau)
     torch.testing.assert_close(again.encode_token_values(["blue"]), model.encode_token_values(["blue"]))
+
+
+def test_an_adapter_saved_before_the_start_credit_loads_without_it(model):
+    """Files written before start_credit existed load with it at 0 (and their config with depth 1): read
+    as they were trained."""
+    with torch.no_grad():
+        model.token_code.start_credit.fill_(0.5)
+    state = {k: v for k, v in model.adapter_state().items() if k != "token_code.start_credit"}
+    model.load_adapter_state(state)
+    assert model.token_code.start_credit.item() == 0.0
+    assert LarimarConfig.from_dict({"value_code": "tokens"}).value_code_depth == 1
+    with pytest.raises(ValueError, match="missing"):  # any other missing weight is still an error
+        model.load_adapter_state({k: v for k, v in state.items() if k != "token_code.G"})

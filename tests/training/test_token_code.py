@@ -20,11 +20,12 @@ def tiny(**over):
 
 
 def test_code_pairs_walk_each_sequence_from_a_start_token():
-    rows, prev, prev2, tgt = code_pairs([[5, 6, 9], [7, 9]], random.Random(0), starts=[1], vocab_size=10, start_prob=1.0)
+    rows, hist, tgt = code_pairs([[5, 6, 9], [7, 9]], random.Random(0), starts=[1], vocab_size=10, start_prob=1.0)
     assert rows.tolist() == [0, 0, 0, 1, 1]
-    assert prev.tolist() == [1, 5, 6, 1, 7]
-    assert prev2.tolist() == [1, 1, 5, 1, 1]
+    assert hist.tolist() == [[1, 1], [5, 1], [6, 5], [1, 1], [7, 1]]  # (prev, the token before it)
     assert tgt.tolist() == [5, 6, 9, 7, 9]
+    _, deep, _ = code_pairs([[5, 6, 9]], random.Random(0), starts=[1], vocab_size=10, start_prob=1.0, depth=3)
+    assert deep.tolist() == [[1, 1, 1, 1], [5, 1, 1, 1], [6, 5, 1, 1]]  # the whole answer read so far, then prompt tokens
 
 
 def test_training_lowers_the_loss_and_raises_accuracy():

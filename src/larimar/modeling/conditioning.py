@@ -365,15 +365,14 @@ class ConditionedDecoder:
             U = head.vocab_units(E)  # (V, C), cached across calls
             gate = torch.ones(B, dtype=U.dtype, device=U.device) if cond.code_gate is None else cond.code_gate.to(U.dtype)  # (B,)
 
-            def code_bias(prev: torch.Tensor, prev2: torch.Tensor) -> torch.Tensor:
-                return head.logit_bias(cond.code, prev, E, U, prev2) * (gate * (~released).to(U.dtype))[:, None]  # (B, V)
+            def code_bias(history: torch.Tensor) -> torch.Tensor:  # (B, D+1) tokens read, most recent first
+                return head.logit_bias(cond.code, history, E, U) * (gate * (~released).to(U.dtype))[:, None]  # (B, V)
 
         new_tokens = []
         logits = out.logits[:, -1, :]
         if has_code:
-            prev2 = head.tokens_before(input_ids, attention_mask)[:, -1]  # (B,), -1 where none
-            logits = logits + code_bias(input_ids[:, -1], prev2).to(logits.dtype)
-            prev2 = input_ids[:, -1]
+            history = head.history(input_ids, attention_mask)[:, -1]  # (B, D+1) at the last prompt token, -1 where none
+            logits = logits + code_bias(history).to(logits.dtype)
         for step in range(max_new_tokens):
             token = _pick(logits.float(), do_sample, temperature, top_k, top_p, generator)  # (B,)
             token = torch.where(finished, torch.full_like(token, pad_token_id), token)
@@ -404,8 +403,8 @@ class ConditionedDecoder:
             next_pos = next_pos + 1
             logits = out.logits[:, -1, :]
             if has_code:
-                logits = logits + code_bias(token, prev2).to(logits.dtype)
-                prev2 = token
+                history = torch.cat([token[:, None], history[:, :-1]], dim=1)  # the new token first
+                logits = logits + code_bias(history).to(logits.dtype)
         result = torch.stack(new_tokens, dim=1)
         if result.shape[1] < max_new_tokens:  # everyone hit EOS early
             pad = result.new_full((B, max_new_tokens - result.shape[1]), pad_token_id)

@@ -52,6 +52,9 @@ class LarimarConfig:
     value_code: str = "encoder"
     value_code_slots: int = 8  # tokens per token code, the end token included
     value_code_end: str = "\n"  # the token a token code ends with (after it the code starts over)
+    # tokens read before the last one that decoding a code matches (TokenValueCode: 1, a pair, as before
+    # session 17; up to value_code_slots - 2, the whole answer read so far)
+    value_code_depth: int = 1
     code_gate_floor: float = 0.0  # "both": a read-out whose code gate is below this reads no code (0: every gate counts)
     # scope detector (paper §4)
     scope_threshold: float = 0.65  # near the equal-error point on CounterFact dev (larimar scope)
@@ -85,6 +88,10 @@ class LarimarConfig:
             raise ValueError(f"LarimarConfig.value_code={self.value_code!r}: expected one of {VALUE_CODES}")
         if self.value_code != "encoder" and int(self.value_code_slots) < 2:
             raise ValueError(f"LarimarConfig.value_code_slots must be >= 2, got {self.value_code_slots}")
+        if self.value_code != "encoder" and not 0 <= int(self.value_code_depth) <= int(self.value_code_slots) - 2:
+            raise ValueError(
+                f"LarimarConfig.value_code_depth must be in 0..value_code_slots - 2 = {int(self.value_code_slots) - 2}, got {self.value_code_depth}"
+            )
         if not 0.0 <= self.code_gate_floor <= 1.0:
             raise ValueError(f"LarimarConfig.code_gate_floor must be in [0, 1], got {self.code_gate_floor}")
         if self.value_code == "both" and self.addressing == "current":

@@ -132,7 +132,7 @@ class Larimar(nn.Module):
         self.out_offset = OutputOffset(C, self.kv_shape.hidden_size, config.output_hidden, config.output_heads) if config.output_offset else None
         self.token_code: TokenValueCode | None = None
         if config.value_code != "encoder":  # values stored as codes of their decoder tokens (our extension)
-            self.token_code = TokenValueCode(self.kv_shape.hidden_size, C, config.value_code_slots)
+            self.token_code = TokenValueCode(self.kv_shape.hidden_size, C, config.value_code_slots, depth=config.value_code_depth)
             if init_prefix:  # a fresh model (a loaded one gets its trained code from the adapter)
                 self.token_code.init_from_embeddings(decoder.get_input_embeddings().weight)
             self.token_code.end_id = self.value_code_end_id()
@@ -214,6 +214,14 @@ class Larimar(nn.Module):
 
     def load_adapter_state(self, weights: dict[str, torch.Tensor]) -> None:
         expected = self.adapter_state()
+        if self.token_code is not None:  # adapters saved before a code parameter existed read as they were trained
+            from larimar.modeling.value_code import TokenValueCode
+
+            weights = dict(weights)
+            for name, value in TokenValueCode.OPTIONAL_PARAMETERS.items():
+                key = f"token_code.{name}"
+                if key in expected and key not in weights and any(k.startswith("token_code.") for k in weights):
+                    weights[key] = torch.tensor(value)
         missing = sorted(set(expected) - set(weights))
         unexpected = sorted(set(weights) - set(expected))
         if missing or unexpected:

@@ -9,18 +9,29 @@ write stores a *holographic* code of the value's decoder tokens instead:
     R_k   = a fixed signed permutation of the C coordinates  (orthogonal: R_kᵀ R_k = I)
 
 E (V, H) is the decoder's own (frozen) input embedding and G (H, C) a learned projection. The code is
-decoded one token at a time from the two tokens the decoder has just read (`prev`, and `prev2` before
-it), so generation and teacher forcing need no answer positions:
+decoded one token at a time from the tokens the decoder has just read (`prev` = x_0, and x_1, x_2, ...
+before it), so generation and teacher forcing need no answer positions:
 
-    s_k   = <R_k u(prev), z> + w2 <R_{k-1} u(prev2), z> + b_k    (k < S - 1; the second term for k >= 1)
+    M_d,k = <R_k u(x_d), z>                                  match of the token read d steps ago with slot k
+    s_k   = sum_{d=0..min(k, D)} lam^d M_d,k-d  +  [k <= D] beta lam^k M_k,0  +  b_k      (k < S - 1)
     a     = softmax(tau_pos * [threshold, s_0, ..., s_{S-2}])   (S,)  where prev sits (none: before t_0)
     r     = sum_j a_j R_jᵀ z                                 (C,)   the unit of the token after prev
     bias  = tau_vocab * normalize(r) @ u(all tokens)ᵀ        (V,)   added to the decoder's logits
 
+s_k scores "the answer started k tokens ago": the last k + 1 tokens read are t_0..t_k, each matched
+against its own slot with weight lam^d (`w_prev2`) for the token d steps back. Where that chain reaches
+slot 0, the token before it is a prompt token, which is what a code's start looks like; `start_credit`
+beta adds that much again of its match (a wrong token inside the code matches about 0 instead). The
+`depth` D (`config.value_code_depth`) bounds how far back the chain looks.
+
 Unbinding R_jᵀ z returns u(t_j) plus crosstalk from the other L tokens (norm about sqrt(L/C) per
-coordinate), so the nearest token unit is t_j with high probability for L up to S = 10. Matching the
-pair (prev2, prev) rather than prev alone tells repeated tokens apart: in " 1991" (" 1", "9", "9", "1")
-the token after "9" is "9" after " 1" and "1" after "9".
+coordinate), so the nearest token unit is t_j with high probability for L up to S = 10. With D = 1 (the
+adapters shipped before session 17, beta = 0) a pair (x_1, x_0) is matched, which tells repeated
+tokens apart: in " 1991" (" ", "1", "9", "9", "1") the token after "9" is "9" after "1" and "1" after
+"9". A pair can recur too: in " 19 March 1882" (" ", "1", "9", " March", " ", "1", "8", ...) the pair
+(" ", "1") sits at slots 0-1 and 4-5, and so does the triple (" ", "1", "9") in " 19 March 1982"; the
+chain back to the start tells them apart: the token before slot 0 is a prompt token, the one before
+slot 4 is " March".
 
 After the end token (a newline by default, which no value contains) the code starts over with t_0, so
 memory keeps the answer in control of a long generation, as the paper's prefix does;
@@ -43,16 +54,20 @@ class TokenValueCode(nn.Module):
     """Bind token ids into (C,) codes and decode a code into next-token logit biases.
 
     `embed_dim` H: the decoder's embedding width; `latent_size` C; `slots` S: tokens per code, the
-    end token included (a value keeps its first S - 1 tokens). The decoder's embedding matrix E (V, H)
-    is passed to every call and never stored here.
+    end token included (a value keeps its first S - 1 tokens); `depth` D: how many tokens read before
+    the last one the decoding matches (module docstring). The decoder's embedding matrix E (V, H) is
+    passed to every call and never stored here.
     """
 
-    def __init__(self, embed_dim: int, latent_size: int, slots: int = 8, seed: int = 0):
+    def __init__(self, embed_dim: int, latent_size: int, slots: int = 8, seed: int = 0, depth: int = 1):
         super().__init__()
         if slots < 2:
             raise ValueError(f"TokenValueCode: slots must be >= 2 (a token and the end), got {slots}")
+        if not 0 <= depth <= slots - 2:
+            raise ValueError(f"TokenValueCode: depth must be in 0..slots - 2 = {slots - 2}, got {depth}")
         C = latent_size
         self.slots = slots
+        self.depth = depth  # D: tokens read before prev that the position scores match
         g = torch.Generator().manual_seed(seed)
         self.register_buffer("perm", torch.stack([torch.randperm(C, generator=g) for _ in range(slots)]))  # (S, C)
         self.register_buffer("sign", (torch.randint(0, 2, (slots, C), generator=g) * 2 - 1).float())  # (S, C)
@@ -60,7 +75,8 @@ class TokenValueCode(nn.Module):
         self.G = nn.Parameter(torch.randn(embed_dim, C, generator=g) / embed_dim**0.5)  # (H, C)
         self.log_tau = nn.Parameter(torch.tensor([3.0, 3.0]))  # log temperatures: vocabulary, position
         self.threshold = nn.Parameter(torch.tensor(0.4))
-        self.w_prev2 = nn.Parameter(torch.tensor(1.0))  # weight of the match of the token before prev
+        self.w_prev2 = nn.Parameter(torch.tensor(1.0))  # lam: weight of the match of the token before prev (lam^d: d back)
+        self.start_credit = nn.Parameter(torch.tensor(0.0))  # beta: credit of a chain that reaches the code's start
         self.pos_bias = nn.Parameter(torch.zeros(slots - 1))  # b_k: a prior over where prev sits
         self.end_id = -1  # the end token's id (set by the model from its tokenizer): after it the code starts over
         self._vocab_cache: tuple | None = None  # (sources, their versions, (C, V) units) for `vocab_units`
@@ -117,6 +133,10 @@ class TokenValueCode(nn.Module):
             self._vocab_cache = (srcs, versions, U_T)
         return self._vocab_cache[2].T
 
+    # parameters added after adapters were shipped, with the value that reads such an adapter as it was
+    # trained (`Larimar.load_adapter_state` fills them in when a file lacks them)
+    OPTIONAL_PARAMETERS = {"start_credit": 0.0}
+
     def __getstate__(self):  # copies and pickles leave the cache (and the embedding it holds) behind
         state = self.__dict__.copy()
         state["_vocab_cache"] = None
@@ -142,19 +162,28 @@ class TokenValueCode(nn.Module):
         return F.normalize(z, dim=-1)
 
     # ------------------------------------------------------------------ decoding
-    def next_unit(
-        self, z: torch.Tensor, prev_units: torch.Tensor, prev2_units: torch.Tensor | None = None, restart: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """z (N, C) read-outs, prev_units / prev2_units (N, C) units of the last two tokens read (zeros or
-        None: unknown) -> (N, C) unit of the next token. `restart` (N,) bool: rows that read the end
+    def position_scores(self, z: torch.Tensor, history_units: torch.Tensor) -> torch.Tensor:
+        """z (N, C) unit read-outs, history_units (N, D', C): units of the tokens read, most recent
+        first (x_0 = prev, x_1, ...; zeros where unknown; D' <= D + 1 are used) -> (N, S - 1) scores
+        s_k of "prev sits at slot k" (module docstring, without b_k)."""
+        S1 = self.slots - 1
+        n_back = min(history_units.shape[1], self.depth + 1)
+        # M[:, d, k] = <R_k u(x_d), z>: (N, D', S-1)
+        M = torch.stack([(self.bind(history_units[:, :n_back], k) * z.unsqueeze(1)).sum(-1) for k in range(S1)], dim=-1)
+        s = M[:, 0].clone()  # d = 0: prev itself at slot k
+        for d in range(1, n_back):  # the token d back sits d slots earlier: slots k >= d
+            s[:, d:] = s[:, d:] + self.w_prev2**d * M[:, d, : S1 - d]
+        # chains that reach slot 0 (k <= D): the token before it is a prompt token; beta lam^k M_k,0
+        reach = torch.stack([M[:, k, 0] * self.w_prev2**k for k in range(min(n_back, S1))], dim=-1)  # (N, min(D', S-1))
+        return s + F.pad(self.start_credit * reach, (0, S1 - reach.shape[1]))
+
+    def next_unit(self, z: torch.Tensor, history_units: torch.Tensor, restart: torch.Tensor | None = None) -> torch.Tensor:
+        """z (N, C) read-outs, history_units (N, D', C) units of the tokens just read, most recent first
+        (zeros: unknown) -> (N, C) unit of the next token. `restart` (N,) bool: rows that read the end
         token, whose next token is the code's first again."""
         z = F.normalize(z.to(self.G.dtype), dim=-1)
         scale = self.G.shape[1] ** 0.5 / self.slots  # keeps the position softmax's sharpness independent of C
-        s = torch.stack([(self.bind(prev_units, k) * z).sum(-1) for k in range(self.slots - 1)], dim=-1)  # (N, S-1)
-        if prev2_units is not None:  # the token before prev sits one slot earlier
-            s2 = torch.stack([(self.bind(prev2_units, k) * z).sum(-1) for k in range(self.slots - 2)], dim=-1)  # (N, S-2)
-            s = s + self.w_prev2 * F.pad(s2, (1, 0))
-        s = s + self.pos_bias
+        s = self.position_scores(z, history_units) + self.pos_bias
         scores = torch.cat([self.threshold.expand(z.shape[0], 1), s], dim=-1) * scale * self.log_tau[1].exp()  # (N, S)
         if restart is not None:
             scores = scores.masked_fill(restart.unsqueeze(-1) & (torch.arange(self.slots, device=z.device) > 0), float("-inf"))
@@ -162,35 +191,41 @@ class TokenValueCode(nn.Module):
         r = sum(a[:, j : j + 1] * self.unbind(z, j) for j in range(self.slots))
         return F.normalize(r, dim=-1)
 
-    def logit_bias(
-        self,
-        z: torch.Tensor,
-        prev: torch.Tensor,
-        E: torch.Tensor,
-        vocab_units: torch.Tensor | None = None,
-        prev2: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """z (N, C), prev (N,) token ids just read, E (V, H) -> (N, V) bias on the next token's logits.
+    def history_units(self, E: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        """(N, D') token ids, most recent first, -1 where unknown -> (N, D', C) units, zeros where unknown
+        (only the first D + 1 columns are looked up)."""
+        history = history[:, : self.depth + 1]
+        known = (history >= 0).to(self.G.dtype).unsqueeze(-1)
+        return self.units(E, history.clamp(min=0)) * known
 
-        `prev2` (N,): the ids read before `prev` (-1 or None: none). `vocab_units` (V, C): `units(E)`,
-        if already computed (default: `vocab_units(E)`, cached outside training).
+    def logit_bias(self, z: torch.Tensor, history: torch.Tensor, E: torch.Tensor, vocab_units: torch.Tensor | None = None) -> torch.Tensor:
+        """z (N, C), history (N, D') token ids just read, most recent first (column 0: prev; -1: none),
+        E (V, H) -> (N, V) bias on the next token's logits. A (N,) `history` is prev alone.
+
+        `vocab_units` (V, C): `units(E)`, if already computed (default: `vocab_units(E)`, cached
+        outside training).
         """
+        if history.dim() == 1:
+            history = history.unsqueeze(-1)
         U = self.vocab_units(E) if vocab_units is None else vocab_units
-        u2 = None
-        if prev2 is not None:
-            known = (prev2 >= 0).to(self.G.dtype).unsqueeze(-1)
-            u2 = self.units(E, prev2.clamp(min=0)) * known
-        r = self.next_unit(z, self.units(E, prev), u2, prev == self.end_id)
+        r = self.next_unit(z, self.history_units(E, history), history[:, 0] == self.end_id)
         return self.log_tau[0].exp() * (r @ U.T)  # (N, V)
 
     @staticmethod
-    def tokens_before(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> (B, T): the token before each position, -1 where there is none (t = 0, or a
-        padded position before it, where `attention_mask` is 0)."""
-        before = F.pad(input_ids, (1, 0), value=-1)[:, :-1]
+    def tokens_before(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, shift: int = 1) -> torch.Tensor:
+        """input_ids (B, T) -> (B, T): the token `shift` positions before each position, -1 where there is
+        none (t < shift, or a padded position, where `attention_mask` is 0)."""
+        before = F.pad(input_ids, (shift, 0), value=-1)[:, : input_ids.shape[1]]
         if attention_mask is not None:
-            before = torch.where(F.pad(attention_mask, (1, 0), value=0)[:, :-1] > 0, before, -1)
+            before = torch.where(F.pad(attention_mask, (shift, 0), value=0)[:, : input_ids.shape[1]] > 0, before, -1)
         return before
+
+    def history(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> (B, T, D + 1): at each position the token there and the D before it, most
+        recent first (-1 where there is none: see `tokens_before`)."""
+        if attention_mask is not None:
+            input_ids = torch.where(attention_mask > 0, input_ids, -1)
+        return torch.stack([self.tokens_before(input_ids, None, d) if d else input_ids for d in range(self.depth + 1)], dim=-1)
 
     def sequence_bias(
         self,
@@ -205,5 +240,5 @@ class TokenValueCode(nn.Module):
         B, T = input_ids.shape
         U = self.vocab_units(E) if vocab_units is None else vocab_units
         zz = z.unsqueeze(1).expand(B, T, z.shape[-1]).reshape(B * T, -1)  # (B*T, C)
-        before = self.tokens_before(input_ids, attention_mask)  # (B, T)
-        return self.logit_bias(zz, input_ids.reshape(-1), E, U, before.reshape(-1)).view(B, T, -1)
+        hist = self.history(input_ids, attention_mask).reshape(B * T, -1)  # (B*T, D+1)
+        return self.logit_bias(zz, hist, E, U).view(B, T, -1)

@@ -30,23 +30,23 @@ if TYPE_CHECKING:
 PROMPT_END_WORDS = ("?", " is", " of", " was", " in", ":", " by", " the", " a", " to", " as", " on", " at", " from", " with", " for")
 
 
-def code_pairs(seqs: list[list[int]], rng: random.Random, starts: list[int], vocab_size: int, start_prob: float = 0.7):
+def code_pairs(seqs: list[list[int]], rng: random.Random, starts: list[int], vocab_size: int, start_prob: float = 0.7, depth: int = 1):
     """Training pairs of a batch of token sequences (each ending with the end token).
 
-    Returns rows (P,) the sequence of each pair, prev (P,) the token just read, prev2 (P,) the one
-    before it, and target (P,) the token due: (a prompt token, t_0), (t_0, t_1), ..., (t_{L-2}, end).
-    The two prompt tokens are each one of `starts` with probability `start_prob`, else any token.
+    Returns rows (P,) the sequence of each pair, history (P, depth + 1) the tokens read before the
+    target, most recent first, and target (P,) the token due: (a prompt token, t_0), (t_0, t_1), ...,
+    (t_{L-2}, end). The depth + 1 prompt tokens read before t_0 are each one of `starts` with
+    probability `start_prob`, else any token.
     """
-    rows, prev, prev2, tgt = [], [], [], []
+    rows, hist, tgt = [], [], []
     for i, ids in enumerate(seqs):
-        p = [rng.choice(starts) if rng.random() < start_prob else rng.randrange(vocab_size) for _ in range(2)]
+        p = [rng.choice(starts) if rng.random() < start_prob else rng.randrange(vocab_size) for _ in range(depth + 1)]
         read = p + ids[:-1]  # everything read before each target
         for j, t in enumerate(ids):
             rows.append(i)
-            prev.append(read[j + 1])
-            prev2.append(read[j])
+            hist.append(read[j : j + depth + 1][::-1])
             tgt.append(t)
-    return torch.tensor(rows), torch.tensor(prev), torch.tensor(prev2), torch.tensor(tgt)
+    return torch.tensor(rows), torch.tensor(hist).view(-1, depth + 1), torch.tensor(tgt)
 
 
 @torch.no_grad()
@@ -63,8 +63,8 @@ def code_accuracy(model: "Larimar", seqs: list[list[int]], *, noise: float = 0.0
         z = code.encode(E, chunk)
         if noise:
             z = F.normalize(z + noise * torch.randn(z.shape, generator=gen) / math.sqrt(z.shape[1]), dim=-1)
-        rows, prev, prev2, tgt = code_pairs(chunk, rng, starts, E.shape[0])
-        good = code.logit_bias(z[rows], prev, E, U, prev2).argmax(-1) == tgt
+        rows, hist, tgt = code_pairs(chunk, rng, starts, E.shape[0], depth=code.depth)
+        good = code.logit_bias(z[rows], hist, E, U).argmax(-1) == tgt
         ok_tok += int(good.sum())
         total += len(tgt)
         wrong = torch.zeros(len(chunk)).index_add_(0, rows, (~good).float())
@@ -107,8 +107,8 @@ def train_token_code(
         chunk = [seqs[rng.randrange(len(seqs))] for _ in range(batch)]
         z = code.encode(E, chunk)  # (B, C)
         z = F.normalize(z + noise * torch.randn(z.shape, generator=gen) / math.sqrt(z.shape[1]), dim=-1)
-        rows, prev, prev2, tgt = code_pairs(chunk, rng, starts, E.shape[0])
-        loss = F.cross_entropy(code.logit_bias(z[rows], prev, E, prev2=prev2), tgt)
+        rows, hist, tgt = code_pairs(chunk, rng, starts, E.shape[0], depth=code.depth)
+        loss = F.cross_entropy(code.logit_bias(z[rows], hist, E), tgt)
         opt.zero_grad()
         loss.backward()
         opt.step()
