@@ -112,7 +112,50 @@ def test_run_token_code_trains_calibrates_and_keeps_the_initial_adapter(tmp_path
         run_token_code(m, merge(cfg, {"data": {"question_templates": None}}), tmp_path)
 
 
-@pytest.mark.parametrize("name", ["small-tokens.yaml", "small-both.yaml"])
+def test_run_token_code_fresh_drops_the_initial_adapters_code(tmp_path):
+    """`fresh: true` trains from the model's own initial code, not the init adapter's; `dates` adds
+    generic dates to the training strings."""
+    from larimar.training.cli import run_token_code
+    from larimar.training.module import TRAIN_DEFAULTS, merge
+
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "a.txt").write_text(" ".join(f"The capital of France is Paris and line {i} goes on." for i in range(40)))
+    pr, q = write_pararel(tmp_path)
+    init = tiny()
+    with torch.no_grad():
+        init.token_code.G.mul_(3.0)  # a code the fresh run must not start from
+        init.M0.mul_(2.0)
+    init.save_pretrained(tmp_path / "init")
+    m = tiny()
+    G0 = m.token_code.G.detach().clone()
+    cfg = merge(TRAIN_DEFAULTS, {
+        "data": {"text_root": str(text), "pararel_root": str(pr), "exclude_eval_from": None, "question_templates": str(q)},
+        "token_code": {"init_adapter": str(tmp_path / "init"), "fresh": True, "dates": 20, "strings": 30, "val_strings": 5,
+                       "calibration_items": 4, "steps": 1, "batch": 4, "lr": 1e-6},
+    })
+    run_token_code(m, cfg, tmp_path)
+    torch.testing.assert_close(m.M0, init.M0)  # the rest is the initial adapter's
+    assert (m.token_code.G - G0).abs().max() < 1e-3  # one tiny step from the model's own initial code
+    kept = tiny()
+    run_token_code(kept, merge(cfg, {"token_code": {"fresh": False}}), tmp_path)
+    assert (kept.token_code.G - init.token_code.G).abs().max() < 1e-3  # without it: the file's code, continued
+
+
+def test_synthetic_dates_are_seeded_and_well_formed():
+    from larimar.training.data import MONTHS, synthetic_dates
+
+    dates = synthetic_dates(50, seed=3)
+    assert dates == synthetic_dates(50, seed=3) and dates != synthetic_dates(50, seed=4)
+    for d in dates:
+        day, month, year = d.split(" ")
+        assert 1 <= int(day) <= 28 and month in MONTHS and 1000 <= int(year) <= 2029
+    assert synthetic_dates(0) == []
+    with pytest.raises(ValueError):
+        synthetic_dates(-1)
+
+
+@pytest.mark.parametrize("name", ["small-tokens.yaml", "small-both.yaml", "small-both-d8.yaml"])
 def test_token_code_configs_are_valid(name):
     """The shipped token-code recipes parse, build a valid model config and name only known token_code keys."""
     from pathlib import Path

@@ -76,7 +76,8 @@ class TokenValueCode(nn.Module):
         self.log_tau = nn.Parameter(torch.tensor([3.0, 3.0]))  # log temperatures: vocabulary, position
         self.threshold = nn.Parameter(torch.tensor(0.4))
         self.w_prev2 = nn.Parameter(torch.tensor(1.0))  # lam: weight of the match of the token before prev (lam^d: d back)
-        self.start_credit = nn.Parameter(torch.tensor(0.0))  # beta: credit of a chain that reaches the code's start
+        # beta: credit of a chain that reaches the code's start (0 with depth 1, the pair match of older adapters)
+        self.start_credit = nn.Parameter(torch.tensor(0.5 if depth > 1 else 0.0))
         self.pos_bias = nn.Parameter(torch.zeros(slots - 1))  # b_k: a prior over where prev sits
         self.end_id = -1  # the end token's id (set by the model from its tokenizer): after it the code starts over
         self._vocab_cache: tuple | None = None  # (sources, their versions, (C, V) units) for `vocab_units`

@@ -211,17 +211,21 @@ def _inherit_scope(model, init_dir: Path, *, keep_latents: bool) -> None:
         print("warm start: the encoder head trains, so the inherited scope threshold is only a starting point: recalibrate it (larimar scope)")
 
 
-TOKEN_CODE_KEYS = {"init_adapter", "strings", "val_strings", "calibration_items", "calibration_factors", "steps", "lr", "batch", "noise"}
+TOKEN_CODE_KEYS = {
+    "init_adapter", "fresh", "strings", "dates", "val_strings", "calibration_items", "calibration_factors", "steps", "lr", "batch", "noise",
+}
 
 
 def run_token_code(model, train_cfg: dict, output: Path) -> None:
     """Train and calibrate the token value code (`larimar.training.token_code`) from `train.token_code`:
-    init_adapter (its other weights and scope detector are kept), strings, val_strings,
-    calibration_items, calibration_factors, steps, lr, batch, noise. Writes `output/token_code_history.json`."""
+    init_adapter (its other weights and scope detector are kept; with `fresh: true` its token code is not,
+    and the code starts from the decoder's embeddings), strings, dates (that many generic dates "D Month
+    YYYY" among the training strings, `synthetic_dates`), val_strings, calibration_items,
+    calibration_factors, steps, lr, batch, noise. Writes `output/token_code_history.json`."""
     import json
     import random
 
-    from larimar.training.data import corpus_spans, question_items
+    from larimar.training.data import corpus_spans, question_items, synthetic_dates
     from larimar.training.token_code import calibrate_token_code, train_token_code
 
     tc, d = train_cfg["token_code"], train_cfg["data"]
@@ -236,13 +240,17 @@ def run_token_code(model, train_cfg: dict, output: Path) -> None:
     if factors is not None and (not isinstance(factors, list) or not factors or not all(isinstance(f, (int, float)) and f > 0 for f in factors)):
         raise ValueError(f"train.token_code.calibration_factors: expected a list of positive numbers, got {factors!r}")
     if tc.get("init_adapter"):
+        fresh_code = {k: v.detach().clone() for k, v in model.adapter_state().items() if k.startswith("token_code.")}
         directory_in = load_initial_adapter(model, Path(tc["init_adapter"]))
         _inherit_scope(model, directory_in, keep_latents=True)
+        if tc.get("fresh", False):  # the file's code (if any) is replaced by the model's initial one
+            model.load_adapter_state({**model.adapter_state(), **fresh_code})
     strings = corpus_spans(d["text_root"], int(tc.get("strings", 60000)), d["seed"], exclude_eval_from=d.get("exclude_eval_from"))
     strings += [str(y) for y in range(1000, 2030)]
     random.Random(d["seed"]).shuffle(strings)
     n_val, n_cal = int(tc.get("val_strings", 1000)), int(tc.get("calibration_items", 300))
     val, cal, train = strings[:n_val], strings[n_val : n_val + n_cal], strings[n_val + n_cal :]
+    train += synthetic_dates(int(tc.get("dates", 0)), seed=d["seed"])  # training only: val and calibration stay as before
     history = train_token_code(
         model, train, val_strings=val, steps=int(tc.get("steps", 400)), lr=float(tc.get("lr", 3e-3)),
         batch=int(tc.get("batch", 64)), noise=float(tc.get("noise", 0.3)), seed=d["seed"],

@@ -195,6 +195,21 @@ def corpus_spans(
     return word_spans(docs, n, seed, exclude=banned)
 
 
+MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December")
+
+
+def synthetic_dates(n: int, seed: int = 0, years: tuple[int, int] = (1000, 2029)) -> list[str]:
+    """`n` generic dates "D Month YYYY" (day 1-28, any month, a year in `years`), drawn with `seed`.
+
+    Dates are where a token code's tokens recur most (" 19 March 1982": " ", "1", "9" twice), and word
+    spans of the training text hold few; like the years 1000-2029 they name no fact.
+    """
+    if n < 0:
+        raise ValueError(f"synthetic_dates: n must be >= 0, got {n}")
+    rng = random.Random(seed)
+    return [f"{rng.randint(1, 28)} {rng.choice(MONTHS)} {rng.randint(*years)}" for _ in range(n)]
+
+
 @dataclass
 class Relation:
     """One PARAREL relation: cloze patterns (text before the object), subjects, and its object pool."""
