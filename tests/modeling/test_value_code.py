@@ -71,12 +71,14 @@ def test_the_token_before_tells_repeated_tokens_apart():
 
 def test_position_scores_match_a_hand_computed_formula():
     """next_unit against the module docstring's formula, written out slot by slot with plain dot products:
-    s_k = sum_{d <= min(k, D)} lam^d M_{d, k-d} + [k <= D] beta lam^k M_{k, 0} + b_k, D = 2 of S - 2 = 3."""
+    s_k = M_{0, k} + sum_{1 <= d <= min(k, D)} lam^d (M_{d, k-d} - mu) + [k <= D] beta lam^k M_{k, 0} + b_k,
+    D = 2 of S - 2 = 3."""
     code, E = code_and_embeddings(C=64, slots=5, depth=2)
-    lam, beta = 0.8, 0.5
+    lam, beta, mu = 0.8, 0.5, 0.2
     with torch.no_grad():
         code.w_prev2.fill_(lam)
         code.start_credit.fill_(beta)
+        code.mismatch.fill_(mu)
         code.pos_bias.copy_(torch.tensor([0.1, -0.2, 0.05, 0.0]))
     g = torch.Generator().manual_seed(3)
     z = torch.nn.functional.normalize(torch.randn(2, 64, generator=g), dim=-1)
@@ -89,7 +91,7 @@ def test_position_scores_match_a_hand_computed_formula():
             M = [[float(hist[n, d] @ R[k] @ z[n]) for k in range(S - 1)] for d in range(D + 1)]
             s = []
             for k in range(S - 1):
-                total = sum(lam**d * M[d][k - d] for d in range(min(k, D) + 1))
+                total = M[0][k] + sum(lam**d * (M[d][k - d] - mu) for d in range(1, min(k, D) + 1))
                 if k <= D:
                     total += beta * lam**k * M[k][0]
                 s.append(total + float(code.pos_bias[k]))
@@ -100,7 +102,7 @@ def test_position_scores_match_a_hand_computed_formula():
 
 
 def test_depth_one_without_start_credit_is_the_pair_match():
-    """D = 1, beta = 0 (adapters before session 17): s_k = M_{0,k} + lam M_{1,k-1}, whatever else was read."""
+    """D = 1, beta = mu = 0 (adapters before session 17): s_k = M_{0,k} + lam M_{1,k-1}, whatever else was read."""
     code, E = code_and_embeddings(C=64, slots=5)
     g = torch.Generator().manual_seed(4)
     z = torch.nn.functional.normalize(torch.randn(3, 64, generator=g), dim=-1)
@@ -134,6 +136,25 @@ def test_the_chain_back_to_the_start_tells_a_recurring_pair_apart():
     with torch.no_grad():
         code8.start_credit.fill_(0.5)
     assert decode_chain(code8, E8, code8.encode(E8, [triple]), 0, 8, before=(1, 2)) == triple
+
+
+def test_answer_tokens_in_the_prompt_do_not_outweigh_the_recent_tokens():
+    """A prompt that holds the answer's first tokens and then others ("What company is Vueling part of?"
+    before " Vueling Holdings"): with the chain summed as plain evidence (mu = 0) the two stale matches
+    put prev at a later slot; the mismatch cost mu makes the recent misses count against it, so the
+    first answer token is read."""
+    code, E = code_and_embeddings(H=256, C=256, slots=9, depth=7)
+    seq = [11, 42, 7, 5, 99]
+    z = code.encode(E, [seq])
+    prompt = (1, 2, 11, 42, 3, 4)  # ... " V" "ueling" " part" " of", then "?"
+    with torch.no_grad():
+        code.start_credit.fill_(0.5)
+        code.mismatch.zero_()
+        code.threshold.fill_(0.45)
+    assert decode_chain(code, E, z, 6, 5, before=prompt)[0] != 11
+    with torch.no_grad():
+        code.mismatch.fill_(0.2)
+    assert decode_chain(code, E, z, 6, 5, before=prompt) == seq
 
 
 def test_after_the_end_token_the_code_starts_over():
@@ -406,13 +427,14 @@ def test_adapter_round_trip_keeps_the_code(model):
 
 
 def test_an_adapter_saved_before_the_start_credit_loads_without_it(model):
-    """Files written before start_credit existed load with it at 0 (and their config with depth 1): read
-    as they were trained."""
+    """Files written before start_credit and mismatch existed load with both at 0 (and their config with
+    depth 1): read as they were trained."""
     with torch.no_grad():
         model.token_code.start_credit.fill_(0.5)
-    state = {k: v for k, v in model.adapter_state().items() if k != "token_code.start_credit"}
+        model.token_code.mismatch.fill_(0.2)
+    state = {k: v for k, v in model.adapter_state().items() if k not in ("token_code.start_credit", "token_code.mismatch")}
     model.load_adapter_state(state)
-    assert model.token_code.start_credit.item() == 0.0
+    assert model.token_code.start_credit.item() == 0.0 and model.token_code.mismatch.item() == 0.0
     assert LarimarConfig.from_dict({"value_code": "tokens"}).value_code_depth == 1
     with pytest.raises(ValueError, match="missing"):  # any other missing weight is still an error
         model.load_adapter_state({k: v for k, v in state.items() if k != "token_code.G"})

@@ -180,8 +180,8 @@ def test_shipped_token_code_adapter_spells_rare_answers_from_a_full_memory():
 
 
 def test_default_adapter_stores_latent_and_token_code(model):
-    """The default adapter (value_code "both", session 14) spells the same 64 rare answers (61 of 64
-    when this test was written); the shipped "latent" adapter (or value_code="encoder", with the default's scope settings) is the latent-only adapter of
+    """The default adapter (value_code "both", session 14; its code retrained with depth 8 in session 17)
+    spells the same 64 rare answers (61 of 64 when this test was written, 64 with the session-17 code); the shipped "latent" adapter (or value_code="encoder", with the default's scope settings) is the latent-only adapter of
     sessions 6-13, which spells none of them (0 of 64 measured), and its read-outs are the latent half of the default's."""
     from larimar.modeling.model import Larimar
 
@@ -195,6 +195,7 @@ def test_default_adapter_stores_latent_and_token_code(model):
     override = Larimar.from_pretrained(value_code="encoder")
     o = override.config  # the same but for fields that only a token code reads, extra, and the default's scope settings
     assert o == latent.config.replace(extra=o.extra, value_code_slots=o.value_code_slots, value_code_end=o.value_code_end,
+                                      value_code_depth=o.value_code_depth,
                                       scope_lexical_weight=o.scope_lexical_weight, scope_threshold=o.scope_threshold,
                                       scope_lexical_text=o.scope_lexical_text, code_gate_floor=o.code_gate_floor)
     assert all(torch.equal(v, latent.adapter_state()[k]) for k, v in override.adapter_state().items())

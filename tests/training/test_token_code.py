@@ -26,6 +26,18 @@ def test_code_pairs_walk_each_sequence_from_a_start_token():
     assert tgt.tolist() == [5, 6, 9, 7, 9]
     _, deep, _ = code_pairs([[5, 6, 9]], random.Random(0), starts=[1], vocab_size=10, start_prob=1.0, depth=3)
     assert deep.tolist() == [[1, 1, 1, 1], [5, 1, 1, 1], [6, 5, 1, 1]]  # the whole answer read so far, then prompt tokens
+    seq = [5, 6, 8, 9]
+    _, copied, _ = code_pairs([seq], random.Random(0), starts=[1], vocab_size=10, start_prob=1.0, depth=5, copy_prob=1.0)
+    first = copied[0].tolist()  # before t_0, most recent first: 1-3 prompt tokens (1), then a copied run of the value
+    lead = next(i for i, t in enumerate(first) if t != 1)
+    n = next((i for i, t in enumerate(first[lead:]) if t == 1), len(first) - lead)
+    run = first[lead : lead + n][::-1]
+    assert 1 <= lead <= 3 and 1 <= n <= 3
+    assert any(run == seq[a : a + n] for a in range(len(seq) - n))  # a run of the value's own tokens, never the end
+    assert copied[1:, 0].tolist() == seq[:-1]  # prev is still the answer read so far
+    plain = code_pairs([seq], random.Random(0), starts=[1], vocab_size=10, depth=5)
+    again = code_pairs([seq], random.Random(0), starts=[1], vocab_size=10, depth=5, copy_prob=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(plain, again))  # copy_prob 0 draws exactly as before
 
 
 def test_training_lowers_the_loss_and_raises_accuracy():

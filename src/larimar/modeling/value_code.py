@@ -13,20 +13,23 @@ decoded one token at a time from the tokens the decoder has just read (`prev` = 
 before it), so generation and teacher forcing need no answer positions:
 
     M_d,k = <R_k u(x_d), z>                                  match of the token read d steps ago with slot k
-    s_k   = sum_{d=0..min(k, D)} lam^d M_d,k-d  +  [k <= D] beta lam^k M_k,0  +  b_k      (k < S - 1)
+    s_k   = M_0,k + sum_{d=1..min(k, D)} lam^d (M_d,k-d - mu) + [k <= D] beta lam^k M_k,0 + b_k   (k < S - 1)
     a     = softmax(tau_pos * [threshold, s_0, ..., s_{S-2}])   (S,)  where prev sits (none: before t_0)
     r     = sum_j a_j R_jᵀ z                                 (C,)   the unit of the token after prev
     bias  = tau_vocab * normalize(r) @ u(all tokens)ᵀ        (V,)   added to the decoder's logits
 
 s_k scores "the answer started k tokens ago": the last k + 1 tokens read are t_0..t_k, each matched
-against its own slot with weight lam^d (`w_prev2`) for the token d steps back. Where that chain reaches
-slot 0, the token before it is a prompt token, which is what a code's start looks like; `start_credit`
-beta adds that much again of its match (a wrong token inside the code matches about 0 instead). The
-`depth` D (`config.value_code_depth`) bounds how far back the chain looks.
+against its own slot with weight lam^d (`w_prev2`) for the token d steps back. Each earlier token is
+evidence for the chain by how much its match exceeds `mismatch` mu (a match gives about 1/sqrt(L), a
+wrong token about 0): so answer tokens that a prompt happens to hold ("What company is Vueling part
+of?" before " Vueling Holdings") do not outweigh the recent tokens that fail to match. Where the chain
+reaches slot 0, the token before it is a prompt token, which is what a code's start looks like;
+`start_credit` beta adds that much again of its match. The `depth` D (`config.value_code_depth`)
+bounds how far back the chain looks.
 
 Unbinding R_jᵀ z returns u(t_j) plus crosstalk from the other L tokens (norm about sqrt(L/C) per
 coordinate), so the nearest token unit is t_j with high probability for L up to S = 10. With D = 1 (the
-adapters shipped before session 17, beta = 0) a pair (x_1, x_0) is matched, which tells repeated
+adapters shipped before session 17, beta = mu = 0) a pair (x_1, x_0) is matched, which tells repeated
 tokens apart: in " 1991" (" ", "1", "9", "9", "1") the token after "9" is "9" after "1" and "1" after
 "9". A pair can recur too: in " 19 March 1882" (" ", "1", "9", " March", " ", "1", "8", ...) the pair
 (" ", "1") sits at slots 0-1 and 4-5, and so does the triple (" ", "1", "9") in " 19 March 1982"; the
@@ -78,6 +81,8 @@ class TokenValueCode(nn.Module):
         self.w_prev2 = nn.Parameter(torch.tensor(1.0))  # lam: weight of the match of the token before prev (lam^d: d back)
         # beta: credit of a chain that reaches the code's start (0 with depth 1, the pair match of older adapters)
         self.start_credit = nn.Parameter(torch.tensor(0.5 if depth > 1 else 0.0))
+        # mu: what each earlier token of a chain must match by to count for it (0 with depth 1, as older adapters)
+        self.mismatch = nn.Parameter(torch.tensor(0.15 if depth > 1 else 0.0))
         self.pos_bias = nn.Parameter(torch.zeros(slots - 1))  # b_k: a prior over where prev sits
         self.end_id = -1  # the end token's id (set by the model from its tokenizer): after it the code starts over
         self._vocab_cache: tuple | None = None  # (sources, their versions, (C, V) units) for `vocab_units`
@@ -136,7 +141,7 @@ class TokenValueCode(nn.Module):
 
     # parameters added after adapters were shipped, with the value that reads such an adapter as it was
     # trained (`Larimar.load_adapter_state` fills them in when a file lacks them)
-    OPTIONAL_PARAMETERS = {"start_credit": 0.0}
+    OPTIONAL_PARAMETERS = {"start_credit": 0.0, "mismatch": 0.0}
 
     def __getstate__(self):  # copies and pickles leave the cache (and the embedding it holds) behind
         state = self.__dict__.copy()
@@ -172,8 +177,8 @@ class TokenValueCode(nn.Module):
         # M[:, d, k] = <R_k u(x_d), z>: (N, D', S-1)
         M = torch.stack([(self.bind(history_units[:, :n_back], k) * z.unsqueeze(1)).sum(-1) for k in range(S1)], dim=-1)
         s = M[:, 0].clone()  # d = 0: prev itself at slot k
-        for d in range(1, n_back):  # the token d back sits d slots earlier: slots k >= d
-            s[:, d:] = s[:, d:] + self.w_prev2**d * M[:, d, : S1 - d]
+        for d in range(1, n_back):  # the token d back sits d slots earlier: slots k >= d; a mismatch costs mu
+            s[:, d:] = s[:, d:] + self.w_prev2**d * (M[:, d, : S1 - d] - self.mismatch)
         # chains that reach slot 0 (k <= D): the token before it is a prompt token; beta lam^k M_k,0
         reach = torch.stack([M[:, k, 0] * self.w_prev2**k for k in range(min(n_back, S1))], dim=-1)  # (N, min(D', S-1))
         return s + F.pad(self.start_credit * reach, (0, S1 - reach.shape[1]))

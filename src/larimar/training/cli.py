@@ -212,7 +212,7 @@ def _inherit_scope(model, init_dir: Path, *, keep_latents: bool) -> None:
 
 
 TOKEN_CODE_KEYS = {
-    "init_adapter", "fresh", "strings", "dates", "val_strings", "calibration_items", "calibration_factors", "steps", "lr", "batch", "noise",
+    "init_adapter", "fresh", "strings", "dates", "copy_prob", "val_strings", "calibration_items", "calibration_factors", "steps", "lr", "batch", "noise",
 }
 
 
@@ -220,7 +220,8 @@ def run_token_code(model, train_cfg: dict, output: Path) -> None:
     """Train and calibrate the token value code (`larimar.training.token_code`) from `train.token_code`:
     init_adapter (its other weights and scope detector are kept; with `fresh: true` its token code is not,
     and the code starts from the decoder's embeddings), strings, dates (that many generic dates "D Month
-    YYYY" among the training strings, `synthetic_dates`), val_strings, calibration_items,
+    YYYY" among the training strings, `synthetic_dates`), copy_prob (the share of training prompts that
+    hold some of their answer's tokens, `code_pairs`), val_strings, calibration_items,
     calibration_factors, steps, lr, batch, noise. Writes `output/token_code_history.json`."""
     import json
     import random
@@ -253,7 +254,7 @@ def run_token_code(model, train_cfg: dict, output: Path) -> None:
     train += synthetic_dates(int(tc.get("dates", 0)), seed=d["seed"])  # training only: val and calibration stay as before
     history = train_token_code(
         model, train, val_strings=val, steps=int(tc.get("steps", 400)), lr=float(tc.get("lr", 3e-3)),
-        batch=int(tc.get("batch", 64)), noise=float(tc.get("noise", 0.3)), seed=d["seed"],
+        batch=int(tc.get("batch", 64)), noise=float(tc.get("noise", 0.3)), seed=d["seed"], copy_prob=float(tc.get("copy_prob", 0.0)),
     )
     items = question_items(d["pararel_root"], d["question_templates"], cal, seed=d["seed"], exclude_eval_from=d.get("exclude_eval_from"))
     calibration = calibrate_token_code(model, items, **({} if factors is None else {"factors": tuple(float(f) for f in factors)}))

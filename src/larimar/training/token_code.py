@@ -30,29 +30,51 @@ if TYPE_CHECKING:
 PROMPT_END_WORDS = ("?", " is", " of", " was", " in", ":", " by", " the", " a", " to", " as", " on", " at", " from", " with", " for")
 
 
-def code_pairs(seqs: list[list[int]], rng: random.Random, starts: list[int], vocab_size: int, start_prob: float = 0.7, depth: int = 1):
+def code_pairs(
+    seqs: list[list[int]],
+    rng: random.Random,
+    starts: list[int],
+    vocab_size: int,
+    start_prob: float = 0.7,
+    depth: int = 1,
+    copy_prob: float = 0.0,
+):
     """Training pairs of a batch of token sequences (each ending with the end token).
 
     Returns rows (P,) the sequence of each pair, history (P, depth + 1) the tokens read before the
     target, most recent first, and target (P,) the token due: (a prompt token, t_0), (t_0, t_1), ...,
     (t_{L-2}, end). The depth + 1 prompt tokens read before t_0 are each one of `starts` with
-    probability `start_prob`, else any token.
+    probability `start_prob`, else any token. With probability `copy_prob` a sequence's prompt also
+    holds some of its own tokens, as a question holds its subject ("What company is Vueling part of?"
+    before " Vueling Holdings"): a run of 1-3 of them, then 1-3 more prompt tokens.
     """
     rows, hist, tgt = [], [], []
+
+    def prompt_tokens(n: int) -> list[int]:
+        return [rng.choice(starts) if rng.random() < start_prob else rng.randrange(vocab_size) for _ in range(n)]
+
     for i, ids in enumerate(seqs):
-        p = [rng.choice(starts) if rng.random() < start_prob else rng.randrange(vocab_size) for _ in range(depth + 1)]
+        p = prompt_tokens(depth + 1)
+        if copy_prob > 0 and len(ids) > 1 and rng.random() < copy_prob:
+            n = rng.randint(1, min(3, len(ids) - 1))
+            at = rng.randrange(len(ids) - n)  # a run of the value's own tokens (never the end token)
+            p = p + ids[at : at + n] + prompt_tokens(rng.randint(1, 3))
         read = p + ids[:-1]  # everything read before each target
         for j, t in enumerate(ids):
             rows.append(i)
-            hist.append(read[j : j + depth + 1][::-1])
+            end = len(p) + j  # read[end - 1] is prev
+            hist.append(read[end - depth - 1 : end][::-1])
             tgt.append(t)
     return torch.tensor(rows), torch.tensor(hist).view(-1, depth + 1), torch.tensor(tgt)
 
 
 @torch.no_grad()
-def code_accuracy(model: "Larimar", seqs: list[list[int]], *, noise: float = 0.0, seed: int = 1, batch: int = 256) -> dict[str, float]:
+def code_accuracy(
+    model: "Larimar", seqs: list[list[int]], *, noise: float = 0.0, seed: int = 1, batch: int = 256, copy_prob: float = 0.0
+) -> dict[str, float]:
     """Decoder-free accuracy of the token code on `seqs`: {"token": share of tokens whose bias argmax
-    is right, "sequence": share of sequences with every token right}."""
+    is right, "sequence": share of sequences with every token right}. `copy_prob`: as in `code_pairs`
+    (1: every prompt holds some of its answer's tokens)."""
     code, E = model.token_code, model.decoder.get_input_embeddings().weight
     starts = _start_tokens(model)
     U = code.vocab_units(E)
@@ -63,7 +85,7 @@ def code_accuracy(model: "Larimar", seqs: list[list[int]], *, noise: float = 0.0
         z = code.encode(E, chunk)
         if noise:
             z = F.normalize(z + noise * torch.randn(z.shape, generator=gen) / math.sqrt(z.shape[1]), dim=-1)
-        rows, hist, tgt = code_pairs(chunk, rng, starts, E.shape[0], depth=code.depth)
+        rows, hist, tgt = code_pairs(chunk, rng, starts, E.shape[0], depth=code.depth, copy_prob=copy_prob)
         good = code.logit_bias(z[rows], hist, E, U).argmax(-1) == tgt
         ok_tok += int(good.sum())
         total += len(tgt)
@@ -88,9 +110,12 @@ def train_token_code(
     seed: int = 0,
     log_every: int = 50,
     log=print,
+    copy_prob: float = 0.0,
 ) -> list[dict]:
     """Train `model.token_code` (G, temperatures, threshold) on `strings`; returns the history
-    (one dict per `log_every` steps with the loss, and the validation accuracy when `val_strings`)."""
+    (one dict per `log_every` steps with the loss, and the validation accuracy when `val_strings`:
+    with `copy_prob` > 0 also `val_copied_*`, every prompt holding some of its answer's tokens).
+    `copy_prob`: the share of training prompts that hold some of their answer's tokens (`code_pairs`)."""
     if model.token_code is None:
         raise ValueError("train_token_code: the model has no token value code (config.value_code is 'encoder')")
     if not strings:
@@ -107,7 +132,7 @@ def train_token_code(
         chunk = [seqs[rng.randrange(len(seqs))] for _ in range(batch)]
         z = code.encode(E, chunk)  # (B, C)
         z = F.normalize(z + noise * torch.randn(z.shape, generator=gen) / math.sqrt(z.shape[1]), dim=-1)
-        rows, hist, tgt = code_pairs(chunk, rng, starts, E.shape[0], depth=code.depth)
+        rows, hist, tgt = code_pairs(chunk, rng, starts, E.shape[0], depth=code.depth, copy_prob=copy_prob)
         loss = F.cross_entropy(code.logit_bias(z[rows], hist, E), tgt)
         opt.zero_grad()
         loss.backward()
@@ -117,6 +142,8 @@ def train_token_code(
             rec = {"step": step, "loss": round(run, 4), "seconds": round(time.time() - t0, 1), "tau_vocab": round(code.log_tau[0].exp().item(), 2)}
             if val:
                 rec.update({f"val_{k}": round(v, 4) for k, v in code_accuracy(model, val).items()})
+                if copy_prob > 0:
+                    rec.update({f"val_copied_{k}": round(v, 4) for k, v in code_accuracy(model, val, copy_prob=1.0).items()})
             history.append(rec)
             log(f"token code step {step}/{steps}: " + ", ".join(f"{k} {v}" for k, v in rec.items() if k != "step"))
     return history
