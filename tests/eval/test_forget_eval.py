@@ -146,10 +146,25 @@ def test_larimar_point_forgets_with_a_memory_that_recalls(model, monkeypatch):
     rec = fg.larimar_point(model, cases(), 6, trials=3, retained_max=2)
     assert rec["recall_before"] == 1.0 and rec["retained_recall_before"] == 1.0
     assert rec["forgotten_recall"] == 0.0 and rec["forgotten_says_unknown"] == 1.0
-    assert rec["retained_recall"] == 1.0
+    assert rec["retained_recall"] == 1.0 and rec["retained_misses_before"] == []
     # each trial starts again from the full memory: exactly one fact missing, one "unknown" added
     for texts in written[1:]:
         assert len(texts) == 6 and sum(t.endswith("unknown.") for t in texts) == 1
+
+
+def test_larimar_point_lists_the_retained_facts_a_full_memory_misses(model, monkeypatch):
+    """A retained fact answered wrongly before anything is forgotten is listed with its generation."""
+    cs = cases()
+
+    def one_wrong(m, prompts, **k):
+        return ["nothing" if p == cs[1].prompt else cs[[c.prompt for c in cs].index(p)].target_new for p in prompts]
+
+    monkeypatch.setattr(fg, "batched_generate", one_wrong)
+    rec = fg.larimar_point(model, cs, 6, trials=1, retained_max=5)
+    forgotten = rec["per_trial"][0]["index"]
+    assert forgotten != 1 and rec["n_retained"] == 5
+    assert rec["retained_misses_before"] == [{"prompt": cs[1].prompt, "target": cs[1].target_new, "generation": "nothing"}]
+    assert rec["retained_recall_before"] == 0.8
 
 
 def test_larimar_point_with_key_slots_reads_answers_from_memory(monkeypatch):

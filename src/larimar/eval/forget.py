@@ -228,6 +228,12 @@ def larimar_point(
         "write_seconds": write_seconds,
         "forget_seconds": _mean_opt(forget_seconds),
         "per_trial": per_trial,
+        # every retained fact missed before anything was forgotten: a miss of the full memory, not of forgetting
+        "retained_misses_before": [
+            {"prompt": cases[i].prompt, "target": cases[i].target_new, "generation": g}
+            for g, i, ok in zip(before[len(forgotten) :], retained, r_before)
+            if not ok
+        ],
     }
 
 
