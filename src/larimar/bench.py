@@ -11,6 +11,8 @@ import json
 import sys
 from typing import Any, Callable
 
+from larimar.modeling.config import MODEL_HELP
+
 _EPILOG = """\
 memory target — ops timed (float32, reference addressing, λ = 1, a 64-row episode and 32 single
 facts already written), median over --repeats after one warm-up call, and what "naive" means per op:
@@ -71,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds allowed per measurement after its first call; caps the repeats (default 5)",
     )
     parser.add_argument(
-        "--model", default=None, help="model target: a model directory or a shipped adapter's name (default: default)"
+        "--model", default=None, help=MODEL_HELP
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable CPUs)")
 

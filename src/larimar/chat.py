@@ -14,11 +14,13 @@ import argparse
 import sys
 import time
 
+from larimar.modeling.config import MODEL_HELP
+
 HELP = __doc__.split("\n", 2)[2]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="saved Larimar directory, or a shipped adapter's name: default, latent, tokens (default: default)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--memory", default=None, help="load this saved memory directory at start")
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--whole", action="store_true",

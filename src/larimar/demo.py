@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from larimar.modeling.config import MODEL_HELP
+
 # (query, counterfactual fact written to memory)
 EDITS = [
     ("The capital of France is", "The capital of France is Rome."),
@@ -15,7 +17,7 @@ UNRELATED = "The largest planet in the solar system is"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="saved Larimar directory, or a shipped adapter's name: default, latent, tokens (default: default)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--whole", action="store_true",
                    help="show whole continuations; by default each ends at its first sentence end (generate(stop_after_answer=True))")

@@ -175,6 +175,13 @@ def test_token_code_configs_are_valid(name):
     from larimar.modeling.config import LarimarConfig
     from larimar.training.cli import TOKEN_CODE_KEYS, load_config
 
-    model_cfg, train_cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / name)
+    root = Path(__file__).resolve().parents[2]
+    model_cfg, train_cfg = load_config(root / "configs" / name)
     cfg = LarimarConfig(**model_cfg)
-    assert cfg.value_code in ("tokens", "both") and set(train_cfg["token_code"]) <= TOKEN_CODE_KEYS
+    tc = train_cfg["token_code"]
+    assert cfg.value_code in ("tokens", "both") and set(tc) <= TOKEN_CODE_KEYS
+    # the initial adapter is shipped; a recipe that trains on from it starts from no code (the shipped
+    # default has one, of another depth since session 18), a fresh one replaces whatever code it has
+    init = root / tc["init_adapter"]
+    assert (init / "config.json").is_file()
+    assert tc.get("fresh", False) or LarimarConfig.load(init / "config.json").value_code == "encoder"

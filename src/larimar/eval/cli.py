@@ -38,6 +38,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from larimar.modeling.config import MODEL_HELP
+
 __all__ = ["add_arguments", "run"]
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,7 @@ def _int_list(text: str) -> list[int]:
 def _common(p: argparse.ArgumentParser, *, method_default: str | None = "larimar") -> None:
     p.add_argument("--out", required=True, help="output directory (resumable)")
     p.add_argument("--data", default=None, help="data file, or a short name such as counterfact-rome (default per task)")
-    p.add_argument("--model", default=None, help="Larimar model directory, or a shipped adapter's name: default, latent, tokens (default: default)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per forward pass when scoring")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -17,6 +17,8 @@ import argparse
 import json
 from pathlib import Path
 
+from larimar.modeling.config import MODEL_HELP
+
 LAMBDA_GRID = tuple(round(0.05 * i, 2) for i in range(20))  # 0, 0.05, ..., 0.95
 
 
@@ -25,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--start", type=int, default=0, help="first case (default 0); e.g. 500 for the cases the evaluations do not use")
     p.add_argument("--out", default="results/scope")
-    p.add_argument("--model", default=None, help="saved Larimar directory, or a shipped adapter's name: default, latent, tokens (default: default)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--shared", action="store_true", help="store all n facts together instead of one per case")
     p.add_argument("--threshold", type=float, default=None, help="threshold for F1 (default: the model's)")
     p.add_argument("--lexical-weight", type=float, default=None, help="lexical weight λ (default: the model's)")

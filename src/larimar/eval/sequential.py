@@ -65,6 +65,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from larimar.modeling.config import MODEL_HELP
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
 
@@ -945,7 +947,7 @@ def add_common_arguments(p: argparse.ArgumentParser, *, data_help: str, n_defaul
     p.add_argument("--out", required=True, help="output directory (resumable)")
     p.add_argument("--data", default=None, help=data_help)
     p.add_argument("--n", type=int, default=n_default, help=n_help)
-    p.add_argument("--model", default=None, help="Larimar model directory, or a shipped adapter's name: default, latent, tokens (default: default)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generation / scoring batch (default 16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

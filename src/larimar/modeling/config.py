@@ -13,6 +13,11 @@ POOLING_MODES = ("mean", "cls")
 VALUE_CODES = ("encoder", "tokens", "both")
 SCOPE_LEXICAL_TEXTS = ("text", "key")
 M_PRIOR_MODES = ("zero", "reference")
+# adapters shipped in the package (src/larimar/assets/NAME), loadable by name: the default (latent + token
+# code), "latent" (its latents alone), "pair" (the default of sessions 14-17, whose code matches token pairs),
+# "tokens" (a token code alone)
+SHIPPED_ADAPTERS = ("default", "latent", "pair", "tokens")
+MODEL_HELP = "Larimar model directory, or a shipped adapter's name: " + ", ".join(SHIPPED_ADAPTERS) + " (default: default)"
 
 
 @dataclass

@@ -70,16 +70,40 @@ def adapter_dir(path: str | Path | None) -> Path:
 
 
 def shared_weights_dir(directory: Path, config: LarimarConfig) -> Path:
-    """Where the adapter weights of `directory` are: itself, or, when it has no adapter file and its
-    config says `extra.weights_from` (a path relative to it), that directory. The shipped "latent"
-    adapter is a config alone that reads the default adapter's weights without its token code."""
+    """Where the shared adapter weights of `directory` are: the directory its config's `extra.weights_from`
+    names (a path relative to it), or `directory` itself when there is none. The shipped "latent"
+    adapter is a config alone that reads the default adapter's weights without its token code; "pair"
+    reads them too, with its own (older) token code on top (`adapter_weights`)."""
     shared = config.extra.get("weights_from")
-    if (directory / ADAPTER_FILE).is_file() or not shared:
+    if not shared:
         return directory
     target = (directory / str(shared)).resolve()
     if not (target / ADAPTER_FILE).is_file():
-        raise FileNotFoundError(f"{directory}: no {ADAPTER_FILE}, and its weights_from {shared!r} has none either")
+        raise FileNotFoundError(f"{directory}: its weights_from {shared!r} has no {ADAPTER_FILE}")
     return target
+
+
+def adapter_weights(directory: Path, config: LarimarConfig) -> dict[str, torch.Tensor]:
+    """The adapter weights a saved model directory stands for: its own `adapter.safetensors`; with
+    `extra.weights_from`, the shared directory's weights, updated by the directory's own file where it
+    has one (a file holding part of the weights: those it holds replace the shared ones)."""
+    from safetensors.torch import load_file
+
+    shared = shared_weights_dir(directory, config)
+    own = directory / ADAPTER_FILE
+    weights = load_file(str(shared / ADAPTER_FILE)) if shared != directory else {}
+    if own.is_file():
+        weights.update(load_file(str(own)))
+    elif not weights:
+        raise FileNotFoundError(f"{directory}: no {ADAPTER_FILE} (and no extra.weights_from in its config)")
+    if config.value_code == "encoder":  # a config storing latents alone stands for the shared latents, not their code
+        weights = {k: v for k, v in weights.items() if not k.startswith("token_code.")}
+    return weights
+
+
+def adapter_scope_idf(directory: Path, config: LarimarConfig) -> dict[str, float] | None:
+    """The scope detector's IDF table of a saved model directory: its own, else its shared weights' (`weights_from`)."""
+    return load_scope_idf(directory) or load_scope_idf(shared_weights_dir(directory, config))
 
 
 def fact_value(text: str, prompt: str) -> str:
@@ -169,8 +193,6 @@ class Larimar(nn.Module):
         `overrides` replace config fields (e.g. scope_threshold=0.5; value_code="encoder" loads an
         adapter that stores latent and token code, "both", as one that stores latents alone).
         """
-        from safetensors.torch import load_file
-
         from larimar.modeling.loading import load_decoder, load_encoder
 
         directory = adapter_dir(path)
@@ -185,12 +207,11 @@ class Larimar(nn.Module):
         enc, enc_tok = load_encoder(config.encoder, dtype=dtype)
         dec, dec_tok = load_decoder(config.decoder, dtype=dtype)
         model = cls(config, enc, enc_tok, dec, dec_tok, init_prefix=False)
-        weights_dir = shared_weights_dir(directory, config)
-        weights = load_file(str(weights_dir / ADAPTER_FILE))
+        weights = adapter_weights(directory, config)
         if model.token_code is None:  # e.g. value_code="encoder" over a "both" adapter: its latents alone
             weights = {k: v for k, v in weights.items() if not k.startswith("token_code.")}
         model.load_adapter_state(weights)
-        idf = load_scope_idf(directory) or load_scope_idf(weights_dir)
+        idf = adapter_scope_idf(directory, config)
         if idf is not None:
             model.set_scope_idf(idf)
         elif config.scope_lexical_weight > 0:

@@ -167,13 +167,21 @@ def load_initial_adapter(model, init: Path) -> Path:
     Returns the directory the adapter came from."""
     from safetensors.torch import load_file
 
+    from larimar.modeling.config import LarimarConfig
+    from larimar.modeling.model import CONFIG_FILE, adapter_weights
+
     path = init / "adapter.safetensors" if init.is_dir() else init
-    state = {k: v.float() for k, v in load_file(str(path)).items()}
+    if init.is_dir() and (init / CONFIG_FILE).is_file():  # a saved model directory (its weights may be shared: weights_from)
+        state = {k: v.float() for k, v in adapter_weights(init, LarimarConfig.load(init / CONFIG_FILE)).items()}
+    else:
+        state = {k: v.float() for k, v in load_file(str(path)).items()}
     if model.out_offset is not None:
         state = model.out_offset.expand_state(state, prefix="out_offset.")
     elif any(k.startswith("out_offset.") for k in state):  # e.g. a token-code model: its code replaces the offset
         state = {k: v for k, v in state.items() if not k.startswith("out_offset.")}
         print(f"{path}: its output offset is not used (this config has output_offset: false)")
+    if model.token_code is None:  # a model storing latents alone reads a "both" adapter's latents alone
+        state = {k: v for k, v in state.items() if not k.startswith("token_code.")}
     for part in ("encoder.value_model.", "token_code."):  # parts the file lacks keep their initial values
         if not any(k.startswith(part) for k in state):
             state.update({k: v for k, v in model.adapter_state().items() if k.startswith(part)})
@@ -197,9 +205,11 @@ def _inherit_scope(model, init_dir: Path, *, keep_latents: bool) -> None:
     """
     import json
 
-    from larimar.modeling.model import CONFIG_FILE, load_scope_idf
+    from larimar.modeling.config import LarimarConfig
+    from larimar.modeling.model import CONFIG_FILE, adapter_scope_idf, load_scope_idf
 
-    cfg_path, idf = init_dir / CONFIG_FILE, load_scope_idf(init_dir)
+    cfg_path = init_dir / CONFIG_FILE
+    idf = adapter_scope_idf(init_dir, LarimarConfig.load(cfg_path)) if cfg_path.is_file() else load_scope_idf(init_dir)
     if cfg_path.is_file():
         init_cfg = json.loads(cfg_path.read_text())
         keep = {k: init_cfg[k] for k in ("scope_threshold", "scope_lexical_weight", "scope_lexical_text") if k in init_cfg}
