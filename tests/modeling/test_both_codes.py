@@ -193,7 +193,7 @@ def test_shipped_latent_adapter_is_the_default_without_its_code(tmp_path):
         pytest.skip("no adapter shipped in this checkout")
     cd, cl = (LarimarConfig.load(x / "config.json").to_dict() for x in (d, lat))
     assert cd["value_code"] == "both" and cl["value_code"] == "encoder" and not (lat / "adapter.safetensors").exists()
-    code_keys = {"value_code", "value_code_end", "value_code_slots", "code_gate_floor", "extra"}
+    code_keys = {"value_code", "value_code_end", "value_code_slots", "value_code_depth", "code_gate_floor", "extra"}
     scope_keys = {"scope_lexical_text", "scope_lexical_weight", "scope_threshold"}  # the default's were re-chosen in session 15
     other = code_keys | scope_keys
     assert {k: v for k, v in cd.items() if k not in other} == {k: v for k, v in cl.items() if k not in other}
@@ -204,6 +204,68 @@ def test_shipped_latent_adapter_is_the_default_without_its_code(tmp_path):
     bad = LarimarConfig(extra={"weights_from": "../nowhere"})
     with pytest.raises(FileNotFoundError, match="weights_from"):
         shared_weights_dir(tmp_path, bad)
+
+
+def test_shipped_pair_adapter_is_the_default_with_its_older_code():
+    """"pair" (the default of sessions 14-17) ships its token code alone (depth 1, no start credit or
+    mismatch cost: the pair match) and reads every other weight from the default; the shipped adapters
+    fit the 40 MB budget together."""
+    from safetensors.torch import load_file
+
+    from larimar.modeling.config import SHIPPED_ADAPTERS
+    from larimar.modeling.model import adapter_weights, packaged_adapter_dir
+
+    d, p = packaged_adapter_dir("default"), packaged_adapter_dir("pair")
+    if not (d / "config.json").is_file():
+        pytest.skip("no adapter shipped in this checkout")
+    cd, cp = (LarimarConfig.load(x / "config.json") for x in (d, p))
+    assert cd.value_code_depth == 8 and cp.value_code_depth == 1 and cp.extra["weights_from"] == "../default"
+    assert cp.replace(extra=cd.extra, value_code_depth=8) == cd
+    own = load_file(str(p / "adapter.safetensors"))
+    assert own and all(k.startswith("token_code.") for k in own)
+    assert own["token_code.start_credit"].item() == 0 and own["token_code.mismatch"].item() == 0
+    shared, merged = load_file(str(d / "adapter.safetensors")), adapter_weights(p, cp)
+    assert set(merged) == set(shared)
+    assert all(torch.equal(merged[k], shared[k]) for k in shared if not k.startswith("token_code."))
+    assert not torch.equal(merged["token_code.G"], shared["token_code.G"])
+    assert sum(f.stat().st_size for name in SHIPPED_ADAPTERS for f in packaged_adapter_dir(name).iterdir()) <= 40 * 2**20
+
+
+def test_adapter_weights_overlay_a_partial_file_on_the_shared_weights(pair, tmp_path):
+    """A directory with `extra.weights_from` and a file of its own holding part of the weights (as the
+    shipped "pair": the default's weights with an older token code) stands for the shared weights with
+    its own on top; from_pretrained's weights and training's initial adapter both read them so."""
+    from safetensors.torch import load_file, save_file
+
+    from larimar.modeling.model import adapter_weights
+    from larimar.training.cli import load_initial_adapter
+
+    both, _ = pair
+    both.save_pretrained(tmp_path / "base")
+    base = load_file(str(tmp_path / "base" / "adapter.safetensors"))
+    over = tmp_path / "over"
+    over.mkdir()
+    G = torch.randn(both.token_code.G.shape, generator=torch.Generator().manual_seed(1))
+    save_file({"token_code.G": G}, str(over / "adapter.safetensors"))
+    both.config.replace(extra={"weights_from": "../base"}).save(over / "config.json")
+    w = adapter_weights(over, LarimarConfig.load(over / "config.json"))
+    assert set(w) == set(base) and torch.equal(w["token_code.G"], G)
+    assert all(torch.equal(w[k], base[k]) for k in base if k != "token_code.G")
+    assert set(adapter_weights(tmp_path / "base", both.config)) == set(base)  # no weights_from: the own file alone
+    lat = tmp_path / "lat"  # as the shipped "latent": a config storing latents alone over shared weights with a code
+    lat.mkdir()
+    both.config.replace(value_code="encoder", extra={"weights_from": "../base"}).save(lat / "config.json")
+    assert set(adapter_weights(lat, LarimarConfig.load(lat / "config.json"))) == {k for k in base if not k.startswith("token_code.")}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no adapter.safetensors"):
+        adapter_weights(tmp_path / "empty", LarimarConfig())
+    m = build("both")
+    load_initial_adapter(m, over)
+    state = m.adapter_state()
+    assert all(torch.equal(state[k], w[k].to(state[k].dtype)) for k in w)
+    enc = build("encoder")  # a model storing latents alone takes the shared latents and leaves the code
+    load_initial_adapter(enc, over)
+    assert all(torch.equal(v, w[k].to(v.dtype)) for k, v in enc.adapter_state().items())
 
 
 def test_save_pretrained_drops_weights_from(pair, tmp_path):

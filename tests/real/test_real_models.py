@@ -151,9 +151,10 @@ def rare_facts() -> tuple[list[str], list[str]]:
     return prompts, answers
 
 
-def spelled_from_key_slots(m) -> tuple[int, list[tuple[str, str]]]:
-    """Write the 64 rare facts one by one into key slots and ask each: (answers spelled exactly, misses)."""
-    prompts, answers = rare_facts()
+def spelled_from_key_slots(m, facts: tuple[list[str], list[str]] | None = None) -> tuple[int, list[tuple[str, str]]]:
+    """Write facts (default: the 64 rare facts) one by one into key slots and ask each: (answers spelled
+    exactly, misses)."""
+    prompts, answers = rare_facts() if facts is None else facts
     m.facts = m.key_slot_memory()
     for p, a in zip(prompts, answers):
         m.write_facts([f"{p} {a}."], [p])
@@ -180,8 +181,8 @@ def test_shipped_token_code_adapter_spells_rare_answers_from_a_full_memory():
 
 
 def test_default_adapter_stores_latent_and_token_code(model):
-    """The default adapter (value_code "both", session 14; its code retrained with depth 8 in session 17)
-    spells the same 64 rare answers (61 of 64 when this test was written, 64 with the session-17 code); the shipped "latent" adapter (or value_code="encoder", with the default's scope settings) is the latent-only adapter of
+    """The default adapter (value_code "both", session 14; its code retrained with depth 8 in sessions 17-18)
+    spells the same 64 rare answers (61 of 64 when this test was written); the shipped "latent" adapter (or value_code="encoder", with the default's scope settings) is the latent-only adapter of
     sessions 6-13, which spells none of them (0 of 64 measured), and its read-outs are the latent half of the default's."""
     from larimar.modeling.model import Larimar
 
@@ -211,3 +212,27 @@ def test_default_adapter_stores_latent_and_token_code(model):
     model.reset_memory()
     latent_right, _ = spelled_from_key_slots(latent)
     assert latent_right <= 8, latent_right
+
+
+def recurring_token_facts() -> tuple[list[str], list[str]]:
+    """16 facts whose values repeat a token or a run of tokens: dates whose first digits recur in the
+    year ("19 March 1882": " 1" at slots 0 and 3) and doubled names ("Walla Walla", "Baden-Baden")."""
+    subjects = ["Anna Petrova", "Jonas Berg", "Lena Holm", "Marek Zima", "Ivo Kral", "Sara Lind", "Timo Aalto", "Nina Roth"]
+    dates = ["19 March 1882", "11 May 1911", "2 June 1922", "17 July 1917", "1 January 1901", "21 April 1821", "12 December 1812", "8 August 1888"]
+    names = ["Shmavon Shmavonyan", "Bora Bora", "Walla Walla", "Baden-Baden", "Sing Sing", "Dum Dum", "Pago Pago", "Kuala Kuala"]
+    return [f"{s} was born on" for s in subjects] + [f"{s}'s home town is" for s in subjects], dates + names
+
+
+def test_default_code_reads_values_whose_tokens_recur(model):
+    """The default's token code (depth 8, session 18) matches the whole answer read so far back to its
+    start, so a value whose tokens recur is read in order: 16 of 16 when this test was written. The
+    "pair" adapter (the default of sessions 14-17, same weights but its depth-1 code) matches the last
+    two tokens, and skips or loops at a recurring pair: 2 of 16 ("19 March 1882" -> " 1882")."""
+    from larimar.modeling.model import Larimar
+
+    if model.config.value_code_depth < 2:
+        pytest.skip("the default adapter in this checkout has a pair-matching code")
+    right, misses = spelled_from_key_slots(model, recurring_token_facts())
+    assert right >= 15, misses
+    pair_right, _ = spelled_from_key_slots(Larimar.from_pretrained("pair"), recurring_token_facts())
+    assert pair_right <= 8, pair_right
