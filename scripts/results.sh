@@ -3,7 +3,9 @@
 # re-running this script continues where it stopped. Usage: scripts/results.sh [RESULTS_DIR]
 # Summaries are copied to reports/ by `scripts/collect_reports.sh`.
 # Runs made before session 14 used the default adapter of their time: the shipped "latent" adapter now
-# (the current default's weights without its token code), hence `--model latent` on them.
+# (the current default's weights without its token code), hence `--model latent` on them. Runs of sessions 14-16
+# used the default of their time with its pair-matching token code, shipped as "pair" since session 18
+# (`--model pair`, added to those lines in session 18).
 set -u
 R=${1:-results}
 L="${LARIMAR:-.venv/bin/larimar}"
@@ -152,60 +154,79 @@ run eval leakage --model latent     --n 30 --systems larimar --release-after-ans
 # src/larimar/assets/default). zsre_larimar_both_x3 came from a x3 calibration of the same training, not shipped.
 # These ran before session 15 re-chose the default's scope setting (it was scope_lexical_text "text", lambda 0.5,
 # threshold 0.555, as "latent" still has); runs that route queries give the session-15 figures now.
-run eval zsre        --method larimar --n 200 --out "$R/zsre_larimar_both"
-run eval sequential  --n 1000 --eval-max 200 --eval-every 500 --methods larimar --addressing gaussian --out "$R/sequential_keyslots_both"
-run eval counterfact --method larimar --n 500 --out "$R/cf_larimar_both"
-run eval forget      --n 5 --no-icl --addressing gaussian --out "$R/forget_keyslots_both"
-run eval leakage     --n 30 --systems larimar --out "$R/leakage_both"
-run eval leakage     --n 30 --systems larimar --release-after-answer --out "$R/leakage_both_released"
-run eval counterfact --method larimar --n 500 --out "$R/cf_larimar_2reph_both" --set n_rephrases=2
-run eval forget      --n 5 --no-icl --out "$R/forget_noicl_both"
-run eval longctx     --n 20 --methods larimar --out "$R/longctx_both"
-run eval modelcard   --out "$R/modelcard_both"
-run eval sequential  --n 1000 --eval-max 200 --eval-every 500 --methods larimar --out "$R/sequential_both"
-run eval robustness  --n 30 --memory-facts 512 --out "$R/robustness_m512_both"
-run eval timing      --n 10 --out "$R/timing_both"
-run eval batch       --memory-sizes 512 --sizes 1,16,64,256,512,1024,2048 --eval-n 50 --out "$R/batch_k512_both"
-run eval rephrase    --max-writes 1000 --eval-every 250 --out "$R/rephrase1000_both"
+run eval zsre        --method larimar --n 200 --out "$R/zsre_larimar_both" --model pair
+run eval sequential  --n 1000 --eval-max 200 --eval-every 500 --methods larimar --addressing gaussian --out "$R/sequential_keyslots_both" --model pair
+run eval counterfact --method larimar --n 500 --out "$R/cf_larimar_both" --model pair
+run eval forget      --n 5 --no-icl --addressing gaussian --out "$R/forget_keyslots_both" --model pair
+run eval leakage     --n 30 --systems larimar --out "$R/leakage_both" --model pair
+run eval leakage     --n 30 --systems larimar --release-after-answer --out "$R/leakage_both_released" --model pair
+run eval counterfact --method larimar --n 500 --out "$R/cf_larimar_2reph_both" --set n_rephrases=2 --model pair
+run eval forget      --n 5 --no-icl --out "$R/forget_noicl_both" --model pair
+run eval longctx     --n 20 --methods larimar --out "$R/longctx_both" --model pair
+run eval modelcard   --out "$R/modelcard_both" --model pair
+run eval sequential  --n 1000 --eval-max 200 --eval-every 500 --methods larimar --out "$R/sequential_both" --model pair
+run eval robustness  --n 30 --memory-facts 512 --out "$R/robustness_m512_both" --model pair
+run eval timing      --n 10 --out "$R/timing_both" --model pair
+run eval batch       --memory-sizes 512 --sizes 1,16,64,256,512,1024,2048 --eval-n 50 --out "$R/batch_k512_both" --model pair
+run eval rephrase    --max-writes 1000 --eval-every 250 --out "$R/rephrase1000_both" --model pair
 # session 15: generate(stop_after_answer=True), and the default's scope detector keyed by prompts
 # (scope_lexical_text "key", lambda 0.7, threshold 0.63, chosen by the --select run on unused cases)
-run scope --start 500 --n 605 --select 0.954 --out "$R/scope_select_dev"
-run scope --data "${LARIMAR_DATA:-../shared/data}/zsre/zsre_mend_eval-600.json" --start 200 --n 400 --out "$R/scope_zsre_dev"
+run scope --start 500 --n 605 --select 0.954 --out "$R/scope_select_dev" --model pair
+run scope --data "${LARIMAR_DATA:-../shared/data}/zsre/zsre_mend_eval-600.json" --start 200 --n 400 --out "$R/scope_zsre_dev" --model pair
 run scope --model latent --start 500 --n 605 --out "$R/scope_select_dev_latent"
 run scope --model latent --data "${LARIMAR_DATA:-../shared/data}/zsre/zsre_mend_eval-600.json" --start 200 --n 400 --out "$R/scope_zsre_dev_latent"
-run scope --n 500 --out "$R/scope500_s15"
-run eval counterfact --method larimar --n 500 --out "$R/cf_larimar_2reph_s15" --set n_rephrases=2
-run eval counterfact --method larimar --n 500 --out "$R/cf_larimar_s15"
-run eval zsre        --method larimar --n 200 --out "$R/zsre_larimar_s15"
-run eval leakage     --n 30 --systems larimar --out "$R/leakage_s15"
-run eval leakage     --n 30 --systems base,larimar --stop-after-answer --out "$R/leakage_both_stopped"
+run scope --n 500 --out "$R/scope500_s15" --model pair
+run eval counterfact --method larimar --n 500 --out "$R/cf_larimar_2reph_s15" --set n_rephrases=2 --model pair
+run eval counterfact --method larimar --n 500 --out "$R/cf_larimar_s15" --model pair
+run eval zsre        --method larimar --n 200 --out "$R/zsre_larimar_s15" --model pair
+run eval leakage     --n 30 --systems larimar --out "$R/leakage_s15" --model pair
+run eval leakage     --n 30 --systems base,larimar --stop-after-answer --out "$R/leakage_both_stopped" --model pair
 run eval leakage     --model latent --n 30 --systems base,larimar --stop-after-answer --out "$R/leakage_stopped"
-run eval leakage     --n 30 --systems larimar --release-after-answer --out "$R/leakage_released_s15"
-run eval batch       --memory-sizes 512 --sizes 1,16,64,256,512,1024,2048 --eval-n 50 --out "$R/batch_k512_s15"
-run eval forget      --n 5 --no-icl --addressing gaussian --out "$R/forget_keyslots_s15"
+run eval leakage     --n 30 --systems larimar --release-after-answer --out "$R/leakage_released_s15" --model pair
+run eval batch       --memory-sizes 512 --sizes 1,16,64,256,512,1024,2048 --eval-n 50 --out "$R/batch_k512_s15" --model pair
+run eval forget      --n 5 --no-icl --addressing gaussian --out "$R/forget_keyslots_s15" --model pair
 # session 15, later: the default's code_gate_floor 0.5 (a read-out whose code half is under half the latent half's
 # norm reads no code); the *_s15 runs above were made before it, with floor 0. runs/floor05 was that config
 # with extra.weights_from pointing at the default's weights; it is now the default itself.
-run eval batch       --memory-sizes 512 --sizes 512,1024,2048 --eval-n 50 --out "$R/batch_k512_floor05"
-run eval zsre        --method larimar --n 200 --out "$R/zsre_larimar_floor05"
-run eval sequential  --n 1000 --eval-max 200 --eval-every 500 --methods larimar --out "$R/sequential_floor05"
-run eval forget      --n 5 --no-icl --out "$R/forget_noicl_floor05"
-run eval modelcard   --out "$R/modelcard_floor05"
-run eval robustness  --n 30 --memory-facts 512 --out "$R/robustness_m512_floor05"
-run eval counterfact --method larimar --n 500 --out "$R/cf_larimar_floor05"
-run eval counterfact --method larimar --n 500 --out "$R/cf_larimar_2reph_floor05" --set n_rephrases=2
-run eval leakage     --n 30 --systems larimar --out "$R/leakage_floor05"
-run eval sequential  --n 1000 --eval-max 200 --eval-every 500 --methods larimar --addressing gaussian --out "$R/sequential_keyslots_floor05"
-run eval forget      --n 5 --no-icl --addressing gaussian --out "$R/forget_keyslots_floor05"
+run eval batch       --memory-sizes 512 --sizes 512,1024,2048 --eval-n 50 --out "$R/batch_k512_floor05" --model pair
+run eval zsre        --method larimar --n 200 --out "$R/zsre_larimar_floor05" --model pair
+run eval sequential  --n 1000 --eval-max 200 --eval-every 500 --methods larimar --out "$R/sequential_floor05" --model pair
+run eval forget      --n 5 --no-icl --out "$R/forget_noicl_floor05" --model pair
+run eval modelcard   --out "$R/modelcard_floor05" --model pair
+run eval robustness  --n 30 --memory-facts 512 --out "$R/robustness_m512_floor05" --model pair
+run eval counterfact --method larimar --n 500 --out "$R/cf_larimar_floor05" --model pair
+run eval counterfact --method larimar --n 500 --out "$R/cf_larimar_2reph_floor05" --set n_rephrases=2 --model pair
+run eval leakage     --n 30 --systems larimar --out "$R/leakage_floor05" --model pair
+run eval sequential  --n 1000 --eval-max 200 --eval-every 500 --methods larimar --addressing gaussian --out "$R/sequential_keyslots_floor05" --model pair
+run eval forget      --n 5 --no-icl --addressing gaussian --out "$R/forget_keyslots_floor05" --model pair
 # session 16: Larimar on the baselines' cases, forgetting over every retained fact, and more trials
-run eval counterfact --method larimar --n 100 --out "$R/cf_larimar_first100"
-run eval zsre        --method larimar --n 200 --out "$R/zsre_larimar_s16"
+run eval counterfact --method larimar --n 100 --out "$R/cf_larimar_first100" --model pair
+run eval zsre        --method larimar --n 200 --out "$R/zsre_larimar_s16" --model pair
 for N in 100 50; do
   rm -rf "$R/zsre_larimar_first${N}_s16"; cp -r "$R/zsre_larimar_s16" "$R/zsre_larimar_first${N}_s16"
-  run eval zsre --method larimar --n $N --out "$R/zsre_larimar_first${N}_s16"
+  run eval zsre --method larimar --n $N --out "$R/zsre_larimar_first${N}_s16" --model pair
 done
-run eval forget      --n 20 --sizes 512 --no-icl --out "$R/forget_noicl_n20"
-run eval forget      --n 20 --sizes 512 --no-icl --addressing gaussian --out "$R/forget_keyslots_n20"
-run eval forget      --n 5 --sizes 512 --retained-max 511 --no-icl --addressing gaussian --out "$R/forget_keyslots_all"
-run eval forget      --n 5 --sizes 512 --retained-max 511 --no-icl --out "$R/forget_noicl_all"
+run eval forget      --n 20 --sizes 512 --no-icl --out "$R/forget_noicl_n20" --model pair
+run eval forget      --n 20 --sizes 512 --no-icl --addressing gaussian --out "$R/forget_keyslots_n20" --model pair
+run eval forget      --n 5 --sizes 512 --retained-max 511 --no-icl --addressing gaussian --out "$R/forget_keyslots_all" --model pair
+run eval forget      --n 5 --sizes 512 --retained-max 511 --no-icl --out "$R/forget_noicl_all" --model pair
+# session 18: the depth-8 token code (configs/small-both-d8.yaml, ~11 min + 1 min calibration on the CPU; trained into
+# runs/small-both-d8/adapter, which these runs named with --model, and shipped as src/larimar/assets/default:
+# the same weights, so the default reproduces them). The pair-matching code it replaced is --model pair.
+run eval forget      --n 5 --sizes 512 --retained-max 511 --no-icl --addressing gaussian --out "$R/forget_keyslots_all_d8"
+run eval zsre        --method larimar --n 200 --out "$R/zsre_larimar_d8"
+run eval sequential  --n 1000 --eval-max 200 --eval-every 500 --methods larimar --addressing gaussian --out "$R/sequential_keyslots_d8"
+run eval counterfact --method larimar --n 500 --out "$R/cf_larimar_d8"
+run eval counterfact --method larimar --n 500 --out "$R/cf_larimar_2reph_d8" --set n_rephrases=2
+run eval leakage     --n 30 --systems larimar --out "$R/leakage_d8"
+run eval batch       --memory-sizes 512 --sizes 1,16,64,256,512,1024,2048 --eval-n 50 --out "$R/batch_k512_d8"
+run eval forget      --n 5 --sizes 512 --retained-max 511 --no-icl --out "$R/forget_noicl_all_d8"
+run eval sequential  --n 1000 --eval-max 200 --eval-every 500 --methods larimar --out "$R/sequential_d8"
+run eval modelcard   --out "$R/modelcard_d8"
+run eval robustness  --n 30 --memory-facts 512 --out "$R/robustness_m512_d8"
+run eval timing      --n 10 --out "$R/timing_d8"
+# with the shipped default: the ZsRE point again, for the list of retained facts it misses (retained_misses_before)
+run eval forget      --n 5 --sizes 512 --retained-max 511 --no-icl --addressing gaussian --datasets zsre --out "$R/forget_keyslots_zsre_misses_s18"
+run eval leakage     --n 30 --systems larimar --stop-after-answer --out "$R/leakage_stopped_d8"
+run eval leakage     --n 30 --systems larimar --release-after-answer --out "$R/leakage_released_d8"
 echo "=== $(date +%T) done"
