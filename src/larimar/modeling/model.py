@@ -52,8 +52,9 @@ def default_adapter_dir() -> Path:
 
 
 def packaged_adapter_dir(name: str) -> Path:
-    """A trained adapter shipped inside the package: "default", "latent" (the default's latents alone,
-    the default of sessions 6-13) or "tokens" (the token value code alone)."""
+    """A trained adapter shipped inside the package, one of `SHIPPED_ADAPTERS`: "default", "latent" (the
+    default's latents alone, the default of sessions 6-13), "pair" (the default of sessions 14-17) or
+    "tokens" (the token value code alone)."""
     return Path(__file__).resolve().parent.parent / "assets" / name
 
 
@@ -97,8 +98,13 @@ def adapter_weights(directory: Path, config: LarimarConfig) -> dict[str, torch.T
     elif not weights:
         raise FileNotFoundError(f"{directory}: no {ADAPTER_FILE} (and no extra.weights_from in its config)")
     if config.value_code == "encoder":  # a config storing latents alone stands for the shared latents, not their code
-        weights = {k: v for k, v in weights.items() if not k.startswith("token_code.")}
+        weights = without_token_code(weights)
     return weights
+
+
+def without_token_code(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Adapter weights without the token code's (what a model storing latents alone reads of them)."""
+    return {k: v for k, v in weights.items() if not k.startswith("token_code.")}
 
 
 def adapter_scope_idf(directory: Path, config: LarimarConfig) -> dict[str, float] | None:
@@ -207,10 +213,7 @@ class Larimar(nn.Module):
         enc, enc_tok = load_encoder(config.encoder, dtype=dtype)
         dec, dec_tok = load_decoder(config.decoder, dtype=dtype)
         model = cls(config, enc, enc_tok, dec, dec_tok, init_prefix=False)
-        weights = adapter_weights(directory, config)
-        if model.token_code is None:  # e.g. value_code="encoder" over a "both" adapter: its latents alone
-            weights = {k: v for k, v in weights.items() if not k.startswith("token_code.")}
-        model.load_adapter_state(weights)
+        model.load_adapter_state(adapter_weights(directory, config))  # value_code="encoder" over a "both" adapter: its latents alone
         idf = adapter_scope_idf(directory, config)
         if idf is not None:
             model.set_scope_idf(idf)

@@ -168,7 +168,7 @@ def load_initial_adapter(model, init: Path) -> Path:
     from safetensors.torch import load_file
 
     from larimar.modeling.config import LarimarConfig
-    from larimar.modeling.model import CONFIG_FILE, adapter_weights
+    from larimar.modeling.model import CONFIG_FILE, adapter_weights, without_token_code
 
     path = init / "adapter.safetensors" if init.is_dir() else init
     if init.is_dir() and (init / CONFIG_FILE).is_file():  # a saved model directory (its weights may be shared: weights_from)
@@ -181,7 +181,7 @@ def load_initial_adapter(model, init: Path) -> Path:
         state = {k: v for k, v in state.items() if not k.startswith("out_offset.")}
         print(f"{path}: its output offset is not used (this config has output_offset: false)")
     if model.token_code is None:  # a model storing latents alone reads a "both" adapter's latents alone
-        state = {k: v for k, v in state.items() if not k.startswith("token_code.")}
+        state = without_token_code(state)
     for part in ("encoder.value_model.", "token_code."):  # parts the file lacks keep their initial values
         if not any(k.startswith(part) for k in state):
             state.update({k: v for k, v in model.adapter_state().items() if k.startswith(part)})
