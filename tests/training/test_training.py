@@ -719,3 +719,67 @@ def test_stage2_init_adapter_keeps_the_start_exact(corpus, tmp_path):
     assert torch.equal(m.M0, plain.M0)
     texts = ["Paris"]
     assert torch.allclose(m.encoder.encode_values(texts), plain.encoder(texts), atol=1e-6)
+
+
+# ------------------------------------------------------------------ stage 2 with the token code in the loop
+def code_model() -> Larimar:
+    from larimar.testing import tiny_larimar, tiny_word_pairs
+    from larimar.training.token_code import train_token_code
+
+    torch.manual_seed(0)
+    m = tiny_larimar(latent_size=16, keyed_writes=True, value_writes=True, value_code="both", value_code_slots=4, output_offset=True, output_hidden=16)
+    train_token_code(m, tiny_word_pairs(200, 0), steps=60, lr=1e-2, batch=32, noise=0.1, log=lambda _: None)
+    m.token_code.zero_grad(set_to_none=True)
+    return m
+
+
+CODE_ITEMS = [Item("the sky is", " red", "fact"), Item("a cat is", " and the", "fact"), Item("grass is", " capital Paris", "fact")]
+CODE_CFG = {"data": {"keyed": True, "value_writes": True, "n_ae": 1, "n_lm": 1, "context_weight": 0.0}, "trainable": ["prefix", "emb_offset"],
+            "optim": {"lr": 3e-2, "warmup_steps": 1}}
+
+
+def test_stage2_memory_rows_read_values_with_their_token_code_as_inference_does():
+    """With value_code "both" a stage-2 episode stores [latent, ||latent||·code] rows: its memory NLL equals the one
+    of write_facts + read + conditioning (the editors' path), and differs from the same weights storing latents alone."""
+    m = code_model()
+    module = LarimarLightning(m.config.to_dict(), CODE_CFG, model=m)
+    module.eval()
+    batch = {"items": CODE_ITEMS, "lm": [Item("", " the sky is red", "text")]}
+    with torch.no_grad():
+        nll = module.episode_losses(batch, 0)["nll_mem"]
+        m.reset_memory()
+        m.write_facts([it.text for it in CODE_ITEMS], [it.query for it in CODE_ITEMS])
+        q = m.encoder([it.asked for it in CODE_ITEMS])
+        z = m.read_latents(q)  # (E, 2C)
+        assert z.shape[1] == 2 * m.config.latent_size
+        tok = tokenize_items(m.tokenizer, CODE_ITEMS, 64, 0.0, m.device)
+        logits = m.runner.forward(tok["input_ids"], tok["attention_mask"], m.conditioning(z, q)).logits
+        expected = weighted_token_ce(logits, tok["input_ids"], tok["weights"])
+        latent_only = m.runner.forward(tok["input_ids"], tok["attention_mask"], m.conditioning(z[:, : m.config.latent_size], q)).logits
+    assert torch.allclose(nll, expected, atol=1e-4), (float(nll), float(expected))
+    assert abs(float(weighted_token_ce(latent_only, tok["input_ids"], tok["weights"])) - float(nll)) > 1e-2  # the code took part
+
+
+def test_stage2_with_token_code_trains_the_prefix_and_leaves_the_code():
+    m = code_model()
+    module = LarimarLightning(m.config.to_dict(), CODE_CFG, model=m)
+    module.train()
+    code = {k: v.detach().clone() for k, v in m.token_code.state_dict().items()}
+    prefix = m.kv_prefix.out.weight.detach().clone()
+    batch = {"items": CODE_ITEMS, "lm": [Item("", " the sky is red", "text")]}
+    losses = overfit(module, batch, 30)
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert all(torch.equal(v, m.token_code.state_dict()[k]) for k, v in code.items())
+    assert all(p.grad is None and not p.requires_grad for p in m.token_code.parameters())
+    assert not torch.equal(prefix, m.kv_prefix.out.weight)
+    with pytest.raises(ValueError, match="fact_period"):
+        LarimarLightning(m.config.to_dict(), {**CODE_CFG, "data": {**CODE_CFG["data"], "fact_period": True}}, model=m).episode_losses(batch, 0)
+    tokens = tiny_larimar_tokens()
+    with pytest.raises(ValueError, match="tokens"):
+        LarimarLightning(tokens.config.to_dict(), CODE_CFG, model=tokens).episode_losses(batch, 0)
+
+
+def tiny_larimar_tokens() -> Larimar:
+    from larimar.testing import tiny_larimar
+
+    return tiny_larimar(latent_size=16, keyed_writes=True, value_writes=True, value_code="tokens", value_code_slots=4)

@@ -10,6 +10,10 @@ decoder pass then scores three kinds of rows:
                                                                            close to the base model
 plus β_t·KL(q(W) || N(0, I)) with a cyclical β. The decoder stays frozen.
 
+With value writes and `value_code` "both", memory rows hold each value's latent and its token code, as
+`Larimar.write_facts` stores them, and the memory and autoencoder rows are decoded with the code's logit
+bias: the prefix learns what the (frozen) code leaves to it.
+
 Memory write (differentiable): W = Z·M0^†, M = argmin ||Z − W·M||² + λ||M||² = Wᵀ(λI + W·Wᵀ)⁻¹·Z;
 read: w = Q·M0^† + σ_W·ε, z_r = w·M. This is the same algebra the editing API runs with
 `addressing="reference"` and a zero prior, so training matches inference.
@@ -215,7 +219,9 @@ def memory_readout(
     M0_pinv: torch.Tensor | None = None,
     keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable one-shot write of Z (E, C) with reference M0 (K, C), and read addresses for Q (E', C).
+    """Differentiable one-shot write of Z (E, C') with reference M0 (K, C), and read addresses for Q (E', C).
+
+    C' = C, or 2C for keyed rows holding a value's latent and its token code (`Larimar.value_rows`).
 
     The write addresses W come from `keys` (E, C) when given (a keyed write: each fact addressed by
     its query's latent), else from Z itself (the paper's auto-associative write).
@@ -280,6 +286,9 @@ class LarimarLightning(L.LightningModule):
         for part, params in self._parts().items():  # parts left out of train.trainable get no gradient
             for p in params:
                 p.requires_grad_(self.trains(part))
+        if self.model.token_code is not None:  # the token code trains decoder-free (training.token_code), never here
+            for p in self.model.token_code.parameters():
+                p.requires_grad_(False)
 
     def trains(self, part: str) -> bool:
         trainable = self.train_cfg.get("trainable")
@@ -320,6 +329,11 @@ class LarimarLightning(L.LightningModule):
         keyed, values = bool(d.get("keyed")), bool(d.get("value_writes"))
         if values and not keyed:
             raise ValueError("train.data.value_writes needs train.data.keyed (a value write is a keyed write)")
+        if self.model_config.value_code == "tokens":
+            raise ValueError("stage 2 trains what reads latents; value_code 'tokens' stores none (use 'both' or 'encoder')")
+        code_rows = values and self.model_config.value_code == "both"  # values stored with their token code, as at inference
+        if code_rows and d.get("fact_period"):
+            raise ValueError("train.data.fact_period: with value_code 'both' the token code ends each value with its own end token; set fact_period: false")
         # one encoder pass for what this episode needs: the items (unless values are stored), the
         # written queries (keyed writes' addresses) and the asked queries (reads)
         texts = [] if values else [it.text for it in items]
@@ -330,14 +344,17 @@ class LarimarLightning(L.LightningModule):
         n_t, n_w = len(texts), len(written)
         Z, Qw, Q = lat[:n_t], lat[n_t : n_t + n_w], lat[n_t + n_w :]  # (E or 0, C): items, written queries, asked queries
         if values:  # the stored latent is the continuation's (its value), through the value encoder if any
-            Z = m.encoder.encode_values([it.continuation.strip() or it.text for it in items]).float()  # (E, C)
+            vals = [it.continuation.strip() or it.text for it in items]
+            Z = m.encoder.encode_values(vals).float()  # (E, C)
+            if code_rows:  # [latent, ||latent||·code] as write_facts stores them; a value too long for the code gets none
+                Z = m.value_rows(Z, vals)  # (E, 2C)
         Wq, M = memory_readout(Z, Q, m.M0, self.model_config.ridge, keys=Qw if keyed else None)
         log_sigma = m.log_sigma_w
         w = Wq + torch.exp(log_sigma) * torch.randn_like(Wq) if self.training else Wq
-        z_r = w @ M  # (E, C), float32
-        zeros = torch.zeros(len(lm_items), Z.shape[1], device=Z.device)
+        z_r = w @ M  # (E, C) or (E, 2C) with code rows, float32
+        zeros = torch.zeros(len(lm_items), Z.shape[1], device=Z.device)  # empty memory (no code either)
         z_all = torch.cat([z_r, Z[:n_ae], zeros])
-        q_all = torch.cat([Q, Q[:n_ae], zeros])  # the asked queries' own latents (output offset)
+        q_all = torch.cat([Q, Q[:n_ae], zeros[:, : Q.shape[1]]])  # the asked queries' own latents (output offset)
         if values and d.get("fact_period"):
             items = [Item(it.query, it.continuation + ".", it.kind, it.ask) if it.kind == "fact" else it for it in items]
         rows = list(items) + list(items[:n_ae]) + list(lm_items)

@@ -124,7 +124,9 @@ def train_token_code(
     seqs = model.value_code_ids(strings)
     val = model.value_code_ids(val_strings) if val_strings else None
     starts = _start_tokens(model)
-    params = [p for p in code.parameters() if p.requires_grad]
+    params = list(code.parameters())
+    for p in params:  # stage 2 (training.module) keeps the code frozen; here it is what trains
+        p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     history, t0, run = [], time.time(), 0.0
