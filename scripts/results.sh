@@ -229,4 +229,15 @@ run eval timing      --n 10 --out "$R/timing_d8"
 run eval forget      --n 5 --sizes 512 --retained-max 511 --no-icl --addressing gaussian --datasets zsre --out "$R/forget_keyslots_zsre_misses_s18"
 run eval leakage     --n 30 --systems larimar --stop-after-answer --out "$R/leakage_stopped_d8"
 run eval leakage     --n 30 --systems larimar --release-after-answer --out "$R/leakage_released_d8"
+# session 19: the shipped default on long context (session 15's figures were the pair code's), and stage 2 trained
+# next to the token code on the CPU (configs/small-stage2-code.yaml: stopped after step 610, its step-500 adapter
+# exported with `larimar train --config configs/small-stage2-code.yaml --output-dir runs/st2c_a --max-steps 500` from
+# a copy of that checkpoint; configs/small-stage2-code-nolm.yaml: 500 steps). Neither is shipped.
+run eval longctx     --n 20 --methods larimar --out "$R/longctx_d8"
+run eval modelcard   --model runs/st2c_a/adapter --out "$R/modelcard_st2c500"
+S2=runs/small-stage2-code-nolm/adapter
+run eval modelcard   --model $S2 --out "$R/modelcard_st2c_nolm"
+run eval zsre        --model $S2 --method larimar --n 200 --out "$R/zsre_larimar_st2c_nolm"
+run eval leakage     --model $S2 --n 30 --systems larimar --out "$R/leakage_st2c_nolm"
+run eval counterfact --model $S2 --method larimar --n 500 --out "$R/cf_larimar_st2c_nolm"
 echo "=== $(date +%T) done"
