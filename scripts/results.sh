@@ -235,7 +235,7 @@ run eval leakage     --n 30 --systems larimar --release-after-answer --out "$R/l
 # a copy of that checkpoint; configs/small-stage2-code-nolm.yaml: 500 steps). Neither is shipped.
 run eval longctx     --n 20 --methods larimar --out "$R/longctx_d8"
 run eval modelcard   --model runs/st2c_a/adapter --out "$R/modelcard_st2c500"
-S2=runs/small-stage2-code-nolm/adapter
+S2=runs/small-stage2-code-nolm/adapter   # its step-500 export (the run was later resumed to step 1000, not evaluated)
 run eval modelcard   --model $S2 --out "$R/modelcard_st2c_nolm"
 run eval zsre        --model $S2 --method larimar --n 200 --out "$R/zsre_larimar_st2c_nolm"
 run eval leakage     --model $S2 --n 30 --systems larimar --out "$R/leakage_st2c_nolm"
